@@ -1,0 +1,1 @@
+"""rac: reasoning-aware compression of reasoning LLMs, as a DVC pipeline."""

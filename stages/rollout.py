@@ -1,0 +1,61 @@
+"""Reads: params ``model``, ``task``, ``rollout``. Writes: traces Parquet (``schemas.TRACES``).
+
+Samples on-policy chains of thought from the dense model on calibration prompts.
+"""
+
+import logging
+from pathlib import Path
+
+from stages.generation import generate
+from stages.models import check_model_ref, encode_prompt, fingerprint, load_tokenizer
+from stages.params import Params
+from stages.schemas import TRACES, write_parquet
+from stages.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+def run(p: Params, out: Path) -> None:
+    """Sample ``rollout.samples_per_prompt`` CoTs per prompt and write them with exact token ids."""
+    task, s = get_task(p.task), p.rollout
+    check_model_ref(p.model)
+    tokenizer = load_tokenizer(p.model)
+    problems = task.problems(s.n_prompts, s.seed)
+    prompts = [encode_prompt(tokenizer, pr.prompt) for pr in problems]
+    generations = generate(p.model, prompts, s, s.samples_per_prompt)
+    rows = []
+    for prompt_id, (problem, prompt_ids, samples) in enumerate(zip(problems, prompts, generations, strict=True)):
+        for sample_idx, g in enumerate(samples):
+            completion = tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            rows.append(
+                {
+                    "prompt_id": prompt_id,
+                    "sample_idx": sample_idx,
+                    "prompt_token_ids": prompt_ids,
+                    "completion_token_ids": g.token_ids,
+                    "prompt": problem.prompt,
+                    "completion": completion,
+                    "n_prompt_tokens": len(prompt_ids),
+                    "n_completion_tokens": len(g.token_ids),
+                    "finish_reason": g.finish_reason,
+                    "answer": problem.answer,
+                    "correct": task.is_correct(completion, problem.answer),
+                }
+            )
+    n_tokens = sum(r["n_prompt_tokens"] + r["n_completion_tokens"] for r in rows)
+    accuracy = sum(r["correct"] for r in rows) / len(rows)
+    log.info("rollout: %d traces, %d tokens, dense accuracy %.3f", len(rows), n_tokens, accuracy)
+    write_parquet(
+        rows,
+        TRACES,
+        out,
+        {
+            "model": p.model,
+            "model_fingerprint": fingerprint(p.model),
+            "task": p.task,
+            "sampling": {k: getattr(s, k) for k in ("temperature", "top_p", "max_new_tokens")},
+            "backend": s.backend,
+            "seed": s.seed,
+            "n_tokens": n_tokens,
+        },
+    )

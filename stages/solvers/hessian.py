@@ -1,0 +1,60 @@
+"""Hessian preparation: the weighted mixture of cached sums, damping, and the inverse Cholesky factor."""
+
+from typing import NamedTuple
+
+import torch
+
+# Each escalation multiplies the damping by 10, so 6 of them reach 10⁶ × the requested fraction.
+MAX_ESCALATIONS = 6
+
+
+class Prepared(NamedTuple):
+    """A damped Hessian ready for OBS updates."""
+
+    Hinv_chol: torch.Tensor  # [in, in] upper Cholesky factor of (H + λI)⁻¹
+    dead: torch.Tensor  # [in] bool, True where diag(H) == 0 (an input that is always zero)
+    damp_used: float  # the fraction of mean(diag(H)) actually added
+    escalations: int  # how many times the damping was multiplied by 10
+
+
+def hessian_from_sums(xtx: dict[str, torch.Tensor], counts: dict[str, int], mix: dict[str, float]) -> torch.Tensor:
+    """H = 2·Σ_s mix[s]·xtx[s] / Σ_s mix[s]·counts[s]: the mean of 2·x·xᵀ over a weighted mix of segments."""
+    missing = sorted(s for s in mix if s not in xtx or s not in counts)
+    if missing:
+        raise ValueError(f"mix={mix!r} names segments {missing} absent from the sums {sorted(xtx)}")
+    n = sum(mix[s] * counts[s] for s in mix)
+    if not n > 0:
+        raise ValueError(f"mix={mix!r} with counts={counts!r} weighs 0 tokens; give weight to a segment with tokens")
+    dtype = torch.float64 if any(xtx[s].dtype == torch.float64 for s in mix) else torch.float32
+    H = torch.zeros_like(next(iter(xtx.values())), dtype=dtype)  # [in, in]
+    for s, weight in mix.items():
+        H += weight * xtx[s].to(dtype)
+    return H.mul_(2.0 / n)
+
+
+def prepare_hessian(H: torch.Tensor, damp: float) -> Prepared:
+    """Damp H (escalating ×10 until Cholesky succeeds) and return the upper Cholesky factor of its inverse."""
+    dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
+    H = H.to(dtype, copy=True)  # [in, in]
+    dead = torch.diag(H) == 0  # [in]
+    # A dead input never reaches the output, so any positive curvature keeps H invertible.
+    H[dead, dead] = 1
+    mean_diag = torch.mean(torch.diag(H))
+    diag = torch.arange(H.shape[0], device=H.device)
+    damp_used = damp
+    for escalations in range(MAX_ESCALATIONS + 1):
+        Hd = H.clone()
+        Hd[diag, diag] += damp_used * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            # The second factorisation can also fail when H is ill-conditioned; more damping cures both.
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return Prepared(U, dead, damp_used, escalations)
+        if escalations < MAX_ESCALATIONS:
+            damp_used *= 10
+    raise ValueError(
+        f"Cholesky of H failed even at damp={damp_used!r} (after {MAX_ESCALATIONS} ×10 escalations from "
+        f"damp={damp!r}); H is far from positive definite or not finite"
+    )
