@@ -13,9 +13,9 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from stages.errors import RacError
@@ -25,7 +25,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def check_model_ref(model: str) -> str:
     """``model`` if it is an existing directory or looks like a hub id; else a one-line error."""
-    if Path(model).is_dir():
+    if model and Path(model).is_dir():
         return model
     if Path(model).exists() or not _HUB_ID.match(model) or model.startswith(("data/", "./", "../")):
         raise RacError(f"model path {model!r} is not a model directory; set `model` in params.yaml to a dir or hub id")
@@ -35,7 +35,10 @@ def check_model_ref(model: str) -> str:
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved with ``model``."""
     try:
-        return AutoTokenizer.from_pretrained(check_model_ref(model))
+        # Not AutoTokenizer: transformers 5 picks the tokenizer class from config.json's model_type
+        # (Qwen2Tokenizer for a qwen2 model), whose byte-level pre-tokenizer would override the
+        # saved tokenizer.json and drop the character tokenizer's spaces and newlines.
+        return PreTrainedTokenizerFast.from_pretrained(model_dir(model))
     except OSError as err:
         raise RacError(f"cannot load a tokenizer from model {model!r}: {err}".splitlines()[0]) from err
 

@@ -6,11 +6,12 @@ here, so a default can never be written twice.
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_origin, get_type_hints
 
 import yaml
 
 from stages.errors import RacError
+from stages.tasks import get_task
 
 SOURCES = ("generic", "prompt", "rac")
 BACKENDS = ("vllm", "hf")
@@ -29,6 +30,13 @@ def _section(cls: type[T], raw: dict[str, Any], name: str) -> T:
         raise RacError(f"params {name!r} lacks {sorted(missing)}; add them to params.yaml")
     if unknown:
         raise RacError(f"params {name!r} has unknown keys {sorted(unknown)}; remove them or fix the spelling")
+    hints = get_type_hints(cls)
+    for key, value in raw.items():
+        expected = get_origin(hints[key]) or hints[key]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise RacError(f"params {name}.{key}={value!r} must be of type {expected.__name__}")
     obj = cls(**raw)
     check = getattr(obj, "check", None)
     if check is not None:
@@ -126,7 +134,8 @@ class CalibrateParams:
 
     def check(self) -> None:
         _positive("calibrate.budget_tokens", self.budget_tokens)
-        _positive("calibrate.generic_seq_len", self.generic_seq_len)
+        if self.generic_seq_len < 2:
+            raise RacError(f"calibrate.generic_seq_len={self.generic_seq_len!r} leaves no room after BOS; use >= 2")
 
 
 @dataclass(frozen=True)
@@ -179,6 +188,7 @@ class Params:
             raise RacError(f"sparsity={self.sparsity!r} is outside [0, 1); pass a fraction such as 0.5")
         for source in self.sources:
             _choice("sources[]", source, SOURCES)
+        get_task(self.task)
 
 
 _SECTIONS = {

@@ -1,5 +1,6 @@
 """Benchmarks by name."""
 
+from stages.errors import RacError
 from stages.tasks.arithmetic import Arithmetic
 from stages.tasks.base import Problem, Task
 
@@ -9,7 +10,7 @@ TASKS: dict[str, type] = {"arithmetic": Arithmetic}
 def get_task(name: str) -> Task:
     """The task registered under ``name``."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+        raise RacError(f"task={name!r} is unknown; choose one of {sorted(TASKS)}")
     return TASKS[name]()
 
 

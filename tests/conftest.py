@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny real HF models built from configs, and params files derived from the shipped one."""
+
+import copy
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from stages import toy
+from stages.params import ToyParams
+
+SHIPPED_PARAMS = Path(__file__).parents[1] / "params.yaml"
+
+# head_dim = 64 / 2 = 32, the smallest that params accept; 2 layers keep every forward pass in milliseconds.
+TINY = ToyParams(
+    seed=0,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    max_len=256,
+    steps=1,
+    batch_size=2,
+    lr=1e-3,
+    generic_fraction=0.2,
+    generic_chars=64,
+    eval_problems=4,
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """Tiny forward passes: a second intra-op thread only spins against other jobs (~200x slower on 2 cores)."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded, untrained tiny Qwen2ForCausalLM and its character tokenizer, saved as an HF directory."""
+    out = tmp_path_factory.mktemp("tiny_qwen2")
+    torch.manual_seed(0)
+    tokenizer = toy.build_tokenizer()
+    toy.build_model(TINY, tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded, untrained tiny LlamaForCausalLM with the same tokenizer, for the model-family test."""
+    out = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    tokenizer = toy.build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=64 * math.ceil(len(tokenizer) / 64),
+        hidden_size=TINY.hidden_size,
+        intermediate_size=TINY.intermediate_size,
+        num_hidden_layers=TINY.num_layers,
+        num_attention_heads=TINY.num_heads,
+        num_key_value_heads=TINY.num_kv_heads,
+        head_dim=TINY.hidden_size // TINY.num_heads,
+        max_position_embeddings=TINY.max_len,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture
+def params_file(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: the shipped params.yaml with ``model`` set and nested ``overrides`` applied, at tmp_path."""
+
+    def make(model: Path | str, overrides: dict[str, Any] | None = None) -> Path:
+        raw = yaml.safe_load(SHIPPED_PARAMS.read_text())
+        raw = _merge(raw, {"model": str(model), **(overrides or {})})
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    return make

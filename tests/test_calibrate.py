@@ -1,0 +1,166 @@
+"""Calibration sequences: one exact token budget per source, decode tokens exactly where the CoT is."""
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from stages import calibrate, toy
+from stages.errors import RacError
+from stages.models import encode_prompt
+from stages.params import Params, load_params
+from stages.schemas import CALIBRATION, TRACES, read_parquet, write_parquet
+from stages.tasks import get_task
+
+BUDGET = 300
+
+
+def test_take_budget_cuts_last_sequence() -> None:
+    stream = iter([([1, 2, 3], [0, 0, 1]), ([4, 5, 6, 7], [0, 1, 1, 1]), ([8, 9], [0, 0])])
+    taken = calibrate.take_budget(stream, 5, "rac")
+    assert taken == [([1, 2, 3], [0, 0, 1]), ([4, 5], [0, 1])]
+    assert next(stream) == ([8, 9], [0, 0])  # stops drawing once the budget is met
+
+
+def test_take_budget_exact_fit_keeps_whole_sequences() -> None:
+    stream = iter([([1, 2], [0, 1]), ([3, 4, 5], [0, 0, 1]), ([6], [0])])
+    assert calibrate.take_budget(stream, 5, "prompt") == [([1, 2], [0, 1]), ([3, 4, 5], [0, 0, 1])]
+
+
+def test_take_budget_too_short_names_budget() -> None:
+    stream = iter([([1, 2, 3], [0, 0, 1]), ([4], [1])])
+    with pytest.raises(RacError, match=r"budget_tokens=10 exceeds the 4 tokens .*'rac'"):
+        calibrate.take_budget(stream, 10, "rac")
+
+
+def _traces(n: int, seed: int = 5) -> list[dict]:
+    """Trace rows shaped like rollout's: BOS+prompt ids and a CoT completion ending in EOS."""
+    tokenizer, task = toy.build_tokenizer(), get_task("arithmetic")
+    rows = []
+    for i, problem in enumerate(task.problems(n, seed)):
+        prompt_ids = encode_prompt(tokenizer, problem.prompt)
+        completion_ids = [*tokenizer.encode(problem.solution, add_special_tokens=False), tokenizer.eos_token_id]
+        rows.append(
+            {
+                "prompt_id": i,
+                "sample_idx": 0,
+                "prompt_token_ids": prompt_ids,
+                "completion_token_ids": completion_ids,
+                "prompt": problem.prompt,
+                "completion": problem.solution,
+                "n_prompt_tokens": len(prompt_ids),
+                "n_completion_tokens": len(completion_ids),
+                "finish_reason": "stop",
+                "answer": problem.answer,
+                "correct": True,
+            }
+        )
+    return rows
+
+
+@pytest.fixture
+def setup(tiny_model_dir: Path, params_file: Callable[..., Path], tmp_path: Path) -> tuple[Params, Path, list[dict]]:
+    rows = _traces(40)
+    traces = tmp_path / "rollout" / "traces.parquet"
+    write_parquet(rows, TRACES, traces, {"model": str(tiny_model_dir)})
+    p = load_params(params_file(tiny_model_dir, {"calibrate": {"budget_tokens": BUDGET, "generic_seq_len": 64}}))
+    return p, traces, rows
+
+
+def _run(p: Params, source: str, traces: Path, tmp_path: Path) -> tuple[list[dict], dict]:
+    out = tmp_path / "calibrate" / f"{source}.parquet"
+    calibrate.run(p, source, traces, out)
+    table, meta = read_parquet(out, CALIBRATION, "calibration")
+    return table.to_pylist(), meta
+
+
+@pytest.mark.parametrize("source", ["generic", "prompt", "rac"])
+def test_run_gives_exact_budget(setup: tuple, tmp_path: Path, source: str) -> None:
+    p, traces, _ = setup
+    rows, meta = _run(p, source, traces, tmp_path)
+    assert sum(len(r["token_ids"]) for r in rows) == BUDGET
+    assert all(len(r["token_ids"]) == len(r["segment"]) > 0 for r in rows)
+    assert [r["seq_id"] for r in rows] == list(range(len(rows)))
+    assert {r["source"] for r in rows} == {source}
+    assert meta["source"] == source
+    assert meta["n_tokens"] == BUDGET
+    assert meta["n_sequences"] == len(rows)
+    assert meta["n_decode_tokens"] == sum(sum(r["segment"]) for r in rows)
+
+
+def test_rac_decode_tokens_are_the_completions(setup: tuple, tmp_path: Path) -> None:
+    p, traces, trace_rows = setup
+    rows, _ = _run(p, "rac", traces, tmp_path)
+    left = BUDGET
+    for row, trace in zip(rows, trace_rows, strict=False):
+        prompt, completion = trace["prompt_token_ids"], trace["completion_token_ids"]
+        want_ids = (prompt + completion)[:left]
+        want_seg = ([0] * len(prompt) + [1] * len(completion))[:left]
+        assert row["token_ids"] == want_ids
+        assert row["segment"] == want_seg
+        left -= len(want_ids)
+    assert left == 0
+    assert sum(sum(r["segment"]) for r in rows) > BUDGET // 2  # the CoT dominates RAC's tokens
+
+
+@pytest.mark.parametrize("source", ["generic", "prompt"])
+def test_generic_and_prompt_have_no_decode_tokens(setup: tuple, tmp_path: Path, source: str) -> None:
+    p, traces, _ = setup
+    rows, meta = _run(p, source, traces, tmp_path)
+    assert all(set(r["segment"]) == {0} for r in rows)
+    assert meta["n_decode_tokens"] == 0
+
+
+def test_generic_sequences_have_generic_seq_len(setup: tuple, tmp_path: Path) -> None:
+    p, traces, _ = setup
+    rows, _ = _run(p, "generic", traces, tmp_path)
+    assert [len(r["token_ids"]) for r in rows] == [64] * (BUDGET // 64) + [BUDGET % 64]
+    assert all(r["token_ids"][0] == 1 for r in rows)  # each starts with BOS
+
+
+def test_prompt_only_needs_more_sequences_than_rac(setup: tuple, tmp_path: Path) -> None:
+    p, traces, _ = setup
+    prompt_rows, _ = _run(p, "prompt", traces, tmp_path)
+    rac_rows, _ = _run(p, "rac", traces, tmp_path)
+    assert len(prompt_rows) > 3 * len(rac_rows)  # CoTs are several times longer than prompts
+
+
+def test_prompt_sequences_are_the_task_prompts(setup: tuple, tmp_path: Path) -> None:
+    p, traces, _ = setup
+    rows, _ = _run(p, "prompt", traces, tmp_path)
+    tokenizer, task = toy.build_tokenizer(), get_task("arithmetic")
+    problems = task.problems(256, p.calibrate.seed * 1_000_003)
+    for row, problem in zip(rows[:-1], problems, strict=False):
+        assert row["token_ids"] == encode_prompt(tokenizer, problem.prompt)
+
+
+def test_generic_sequences_decode_to_the_generic_text(setup: tuple, tmp_path: Path) -> None:
+    p, traces, _ = setup
+    rows, _ = _run(p, "generic", traces, tmp_path)
+    tokenizer = toy.build_tokenizer()
+    text = get_task("arithmetic").generic_text(2 * BUDGET, p.calibrate.seed)
+    assert tokenizer.decode(rows[0]["token_ids"][1:]) == text[:63]
+
+
+def test_rac_budget_too_large(setup: tuple, tmp_path: Path) -> None:
+    p, traces, rows = setup
+    available = sum(r["n_prompt_tokens"] + r["n_completion_tokens"] for r in rows)
+    out = tmp_path / "calibrate" / "rac.parquet"
+    p = replace(p, calibrate=replace(p.calibrate, budget_tokens=available + 1))
+    with pytest.raises(RacError, match=rf"budget_tokens={available + 1} exceeds the {available} tokens"):
+        calibrate.run(p, "rac", traces, out)
+    assert not out.exists()
+
+
+def test_unknown_source(setup: tuple, tmp_path: Path) -> None:
+    p, traces, _ = setup
+    with pytest.raises(RacError, match="'offpolicy'"):
+        calibrate.run(p, "offpolicy", traces, tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_generic_seq_len_one_is_rac_error(params_file: Callable[..., Path], tmp_path: Path) -> None:
+    # A generic sequence of length 1 would hold only BOS: refused when params are read.
+    with pytest.raises(RacError, match="generic_seq_len=1"):
+        load_params(params_file(tmp_path, {"calibrate": {"generic_seq_len": 1}}))

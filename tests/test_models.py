@@ -1,0 +1,131 @@
+"""Model loading, fingerprints and the grouping of linears by shared input, on tiny real HF models."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from stages import toy
+from stages.errors import RacError
+from stages.models import (
+    check_model_ref,
+    decoder_layers,
+    encode_prompt,
+    fingerprint,
+    linear_groups,
+    load_model,
+    load_tokenizer,
+)
+
+CPU = torch.device("cpu")
+EXPECTED_GROUPS = [
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj"],
+    ["mlp.down_proj"],
+]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_llama_dir"])
+def test_linear_groups_per_layer(fixture: str, request: pytest.FixtureRequest) -> None:
+    model = load_model(str(request.getfixturevalue(fixture)), CPU)
+    groups = linear_groups(model)
+    assert [(g.layer, g.members) for g in groups] == [(i, m) for i in range(2) for m in EXPECTED_GROUPS]
+    assert [g.name for g in groups[:4]] == [m[0] for m in EXPECTED_GROUPS]
+    # Every linear of every decoder layer is in exactly one group.
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        linears = sorted(n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear))
+        assert sorted(n for g in groups if g.layer == i for n in g.members) == linears
+
+
+def test_decoder_layers_is_the_stack(tiny_model_dir: Path) -> None:
+    model = load_model(str(tiny_model_dir), CPU)
+    assert decoder_layers(model) is model.model.layers
+    assert not model.training
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_fingerprint_stable_for_same_dir(tiny_model_dir: Path) -> None:
+    first = fingerprint(str(tiny_model_dir))
+    assert fingerprint(str(tiny_model_dir)) == first
+    assert len(first) == 16 and all(c in "0123456789abcdef" for c in first)
+
+
+def test_fingerprint_ignores_weight_values(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Same config and shapes, different values (a pruned copy): fingerprint is about the architecture."""
+    model = load_model(str(tiny_model_dir), CPU)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    model.save_pretrained(tmp_path)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(tmp_path)
+    assert fingerprint(str(tmp_path)) == fingerprint(str(tiny_model_dir))
+
+
+def test_fingerprint_differs_for_other_config(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tokenizer = toy.build_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=64 * math.ceil(len(tokenizer) / 64),
+        hidden_size=64,
+        intermediate_size=192,  # the only difference from tiny_model_dir (128)
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert fingerprint(str(tmp_path)) != fingerprint(str(tiny_model_dir))
+
+
+def test_fingerprint_differs_across_families(tiny_model_dir: Path, tiny_llama_dir: Path) -> None:
+    assert fingerprint(str(tiny_llama_dir)) != fingerprint(str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("ref", ["data/nope", "/tmp/does/not/exist", "./nope", "not a model"])
+def test_check_model_ref_rejects_missing_paths(ref: str) -> None:
+    with pytest.raises(RacError, match="not a model directory"):
+        check_model_ref(ref)
+
+
+def test_check_model_ref_rejects_a_file(tmp_path: Path) -> None:
+    file = tmp_path / "config.json"
+    file.write_text("{}")
+    with pytest.raises(RacError, match=r"config\.json"):
+        check_model_ref(str(file))
+
+
+def test_check_model_ref_accepts_dir_and_hub_id(tiny_model_dir: Path) -> None:
+    assert check_model_ref(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert check_model_ref("org/name") == "org/name"
+    assert check_model_ref("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B") == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+
+
+def test_load_model_missing_path_is_rac_error() -> None:
+    with pytest.raises(RacError, match="data/nope"):
+        load_model("data/nope", CPU)
+
+
+def test_encode_prompt_prepends_bos(tiny_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    ids = encode_prompt(tokenizer, "12+3=\n")
+    assert ids[0] == tokenizer.bos_token_id
+    assert ids[1:] == toy.build_tokenizer().encode("12+3=\n", add_special_tokens=False)
+    assert len(ids) == 1 + len("12+3=\n")  # character-level tokenizer: one token per character
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_llama_dir"])
+@pytest.mark.parametrize("text", ["12+345=\n", "2+5+0=07 1+3 7\n#### 417", "the cat sees a dog. then"])
+def test_load_tokenizer_encodes_like_the_saved_one(fixture: str, text: str, request: pytest.FixtureRequest) -> None:
+    tokenizer = load_tokenizer(str(request.getfixturevalue(fixture)))
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert ids == toy.build_tokenizer().encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text

@@ -1,0 +1,161 @@
+"""params.yaml: the shipped file loads; every bad value, missing key or unknown key is a one-line RacError."""
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from stages.errors import RacError
+from stages.params import (
+    CalibrateParams,
+    EvaluateParams,
+    HessiansParams,
+    Params,
+    PruneParams,
+    RolloutParams,
+    ToyParams,
+    load_params,
+)
+
+SHIPPED = Path(__file__).parents[1] / "params.yaml"
+
+
+def test_shipped_params_load() -> None:
+    p = load_params(SHIPPED)
+    raw = yaml.safe_load(SHIPPED.read_text())
+    assert isinstance(p, Params)
+    assert p.sparsity == raw["sparsity"] and 0 <= p.sparsity < 1
+    assert p.pruner == raw["pruner"]
+    assert p.sources == raw["sources"]
+    sections = {
+        "toy": ToyParams,
+        "rollout": RolloutParams,
+        "calibrate": CalibrateParams,
+        "hessians": HessiansParams,
+        "prune": PruneParams,
+        "evaluate": EvaluateParams,
+    }
+    for name, cls in sections.items():
+        section = getattr(p, name)
+        assert isinstance(section, cls)
+        assert dataclasses.asdict(section) == raw[name]  # nothing dropped, nothing defaulted
+    assert p.toy.hidden_size // p.toy.num_heads >= 32
+
+
+def test_missing_params_file(tmp_path: Path) -> None:
+    with pytest.raises(RacError, match=r"nope\.yaml.*does not exist"):
+        load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5])
+def test_sparsity_outside_unit_interval(params_file: Callable[..., Path], sparsity: float) -> None:
+    with pytest.raises(RacError, match=rf"sparsity={sparsity!r}"):
+        load_params(params_file("m", {"sparsity": sparsity}))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
+def test_sparsity_inside_unit_interval(params_file: Callable[..., Path], sparsity: float) -> None:
+    assert load_params(params_file("m", {"sparsity": sparsity})).sparsity == sparsity
+
+
+def test_unknown_source(params_file: Callable[..., Path]) -> None:
+    with pytest.raises(RacError, match="'c4'"):
+        load_params(params_file("m", {"sources": ["generic", "c4"]}))
+
+
+def _without(path: Path, *keys: str) -> Path:
+    """Remove the key at ``keys`` (a path into the nested mapping) from the params file."""
+    raw = yaml.safe_load(path.read_text())
+    node: dict[str, Any] = raw
+    for key in keys[:-1]:
+        node = node[key]
+    del node[keys[-1]]
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("keys", "pattern"),
+    [
+        (("sparsity",), r"'top level' lacks \['sparsity'\]"),
+        (("pruner",), r"'top level' lacks \['pruner'\]"),
+        (("model",), r"'top level' lacks \['model'\]"),
+        (("calibrate", "budget_tokens"), r"'calibrate' lacks \['budget_tokens'\]"),
+        (("prune", "mix"), r"'prune' lacks \['mix'\]"),
+        (("hessians",), r"'hessians' lacks \['batch_size', 'chunk'\]"),
+    ],
+)
+def test_missing_key_named(params_file: Callable[..., Path], keys: tuple[str, ...], pattern: str) -> None:
+    path = _without(params_file("m"), *keys)
+    with pytest.raises(RacError, match=pattern):
+        load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        ({"sparsityy": 0.5}, r"'top level' has unknown keys \['sparsityy'\]"),
+        ({"prune": {"dampp": 0.1}}, r"'prune' has unknown keys \['dampp'\]"),
+        ({"toy": {"seeed": 1}}, r"'toy' has unknown keys \['seeed'\]"),
+    ],
+)
+def test_unknown_key_named(params_file: Callable[..., Path], overrides: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(RacError, match=pattern):
+        load_params(params_file("m", overrides))
+
+
+@pytest.mark.parametrize(("hidden", "heads"), [(64, 4), (96, 4), (128, 5)])
+def test_head_dim_below_32_or_fractional_rejected(params_file: Callable[..., Path], hidden: int, heads: int) -> None:
+    with pytest.raises(RacError, match=rf"{hidden}/{heads}"):
+        load_params(params_file("m", {"toy": {"hidden_size": hidden, "num_heads": heads}}))
+
+
+def test_head_dim_32_accepted(params_file: Callable[..., Path]) -> None:
+    p = load_params(params_file("m", {"toy": {"hidden_size": 64, "num_heads": 2}}))
+    assert p.toy.hidden_size // p.toy.num_heads == 32
+
+
+@pytest.mark.parametrize(
+    "mix", [{"prompt": -1.0, "decode": 1.0}, {"prompt": 0.0, "decode": 0.0}, {"prompt": 1.0}, {"prompt": 1, "x": 1}]
+)
+def test_bad_prune_mix_rejected(params_file: Callable[..., Path], mix: dict[str, float]) -> None:
+    path = params_file("m")
+    raw = yaml.safe_load(path.read_text())
+    raw["prune"]["mix"] = mix  # replaced whole, not merged into the shipped mix
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RacError, match=r"prune\.mix"):
+        load_params(path)
+
+
+def test_decode_only_mix_accepted(params_file: Callable[..., Path]) -> None:
+    p = load_params(params_file("m", {"prune": {"mix": {"prompt": 0.0, "decode": 1.0}}}))
+    assert p.prune.mix == {"prompt": 0.0, "decode": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        ({"calibrate": {"budget_tokens": 0}}, "calibrate.budget_tokens"),
+        ({"hessians": {"chunk": -1}}, "hessians.chunk"),
+        ({"rollout": {"backend": "tgi"}}, "rollout.backend"),
+        ({"evaluate": {"top_p": 0.0}}, "evaluate.top_p"),
+        ({"rollout": {"temperature": -0.5}}, "rollout.temperature"),
+        ({"prune": {"damp": 0.0}}, "prune.damp"),
+    ],
+)
+def test_bad_section_values_named(params_file: Callable[..., Path], overrides: dict, name: str) -> None:
+    with pytest.raises(RacError, match=name.replace(".", r"\.")):
+        load_params(params_file("m", overrides))
+
+
+def test_section_not_a_mapping(params_file: Callable[..., Path]) -> None:
+    with pytest.raises(RacError, match="'hessians' must be a mapping"):
+        load_params(params_file("m", {"hessians": 3}))
+
+
+def test_mistyped_value_is_rac_error(params_file: Callable[..., Path]) -> None:
+    with pytest.raises(RacError, match="sparsity"):
+        load_params(params_file("m", {"sparsity": "half"}))
