@@ -8,9 +8,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar, get_origin, get_type_hints
 
-import yaml
+from ruamel.yaml import YAML
 
 from stages.errors import RacError
+from stages.solvers import get_solver, parse_pattern
 from stages.tasks import get_task
 
 SOURCES = ("generic", "prompt", "rac")
@@ -154,6 +155,7 @@ class HessiansParams:
 class PruneParams:
     """Solver settings shared by every pruner."""
 
+    pattern: str
     block_size: int
     damp: float
     mix: dict[str, float]
@@ -189,6 +191,8 @@ class Params:
         for source in self.sources:
             _choice("sources[]", source, SOURCES)
         get_task(self.task)
+        get_solver(self.pruner)
+        parse_pattern(self.prune.pattern, self.sparsity)
 
 
 _SECTIONS = {
@@ -205,7 +209,8 @@ def load_params(path: Path) -> Params:
     """Read and validate params.yaml at ``path``."""
     if not path.is_file():
         raise RacError(f"params file {str(path)!r} does not exist; run from the project root or pass --params")
-    raw = yaml.safe_load(path.read_text()) or {}
+    # YAML 1.2, as DVC writes it: `-S prune.pattern=2:4` stays the string "2:4" (YAML 1.1 reads 124).
+    raw = YAML(typ="safe", pure=True).load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise RacError(f"params file {str(path)!r} must hold a mapping")
     sections = {name: _section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}

@@ -38,7 +38,12 @@ def run(p: Params, hessians: Path, out: Path) -> None:
             linear = layers[group.layer].get_submodule(member)
             start = time.perf_counter()
             result = solver(
-                linear.weight.data, H, sparsity=p.sparsity, block_size=p.prune.block_size, damp=p.prune.damp
+                linear.weight.data,
+                H,
+                sparsity=p.sparsity,
+                pattern=p.prune.pattern,
+                block_size=p.prune.block_size,
+                damp=p.prune.damp,
             )
             seconds = time.perf_counter() - start
             if result.damp_used > p.prune.damp:
@@ -69,6 +74,7 @@ def run(p: Params, hessians: Path, out: Path) -> None:
         "achieved_sparsity": total_zero / total_numel,
         "hessians": str(hessians),
         "source": store.attrs["source"],
+        "pattern": p.prune.pattern,
         "mix": p.prune.mix,
         "layers": rows,
     }

@@ -106,14 +106,15 @@ def test_prune_sparsity_outside_unit_interval(
 
 
 def test_prune_unknown_pruner(in_tmp: Path, tiny_model_dir: Path, params_file: Callable[..., Path]) -> None:
-    params = params_file(tiny_model_dir, {"pruner": "foo", "hessians": {"batch_size": 2, "chunk": 32}})
     calib, store = Path("data/calibrate/rac.parquet"), Path("data/hessians/rac.zarr")
     rows = [
         {"seq_id": 0, "token_ids": [1, 5, 14, 6, 15, 18, 7], "segment": [0, 0, 0, 0, 0, 0, 1], "source": "rac"},
         {"seq_id": 1, "token_ids": [1, 9, 14, 9], "segment": [0, 0, 1, 1], "source": "rac"},
     ]
     write_parquet(rows, CALIBRATION, calib, {"source": "rac"})
-    hessians.run(load_params(params), calib, store)  # a valid store, so that only the pruner is wrong
+    # A valid store, so that only the pruner is wrong.
+    hessians.run(load_params(params_file(tiny_model_dir, {"hessians": {"batch_size": 2, "chunk": 32}})), calib, store)
+    params = params_file(tiny_model_dir, {"pruner": "foo"})
     out = Path("data/prune/rac")
     result = CliRunner().invoke(main, ["prune", "--params", str(params), "--hessians", str(store), "--out", str(out)])
     _assert_bad_input(result, "pruner='foo'", "sparsegpt")

@@ -1,15 +1,33 @@
-"""Solvers on tiny tensors: exact counts, the reported loss, SparseGPT against its references."""
+"""Solvers on tiny tensors: exact counts and N:M patterns, the reported loss, each solver against its reference."""
+
+import re
+import sys
 
 import pytest
 import torch
 
 from stages.errors import RacError
-from stages.solvers import SOLVERS, get_solver, hessian_from_sums, magnitude, prepare_hessian, sparsegpt
+from stages.solvers import (
+    SOLVERS,
+    alps,
+    get_solver,
+    hessian_from_sums,
+    magnitude,
+    parse_pattern,
+    prepare_hessian,
+    sparsegpt,
+    wanda,
+)
 from stages.solvers.base import block_counts, layer_loss
 from stages.solvers.hessian import MAX_ESCALATIONS
+from stages.solvers.masks import keep_nm, keep_smallest_per_row, keep_smallest_pruned, row_counts
 
-# in = 40 with block_size 16 gives blocks of 16, 16 and 8 columns.
+# The package re-exports the function `alps`, which shadows its module as an attribute.
+alps_module = sys.modules["stages.solvers.alps"]
+
+# in = 40 with block_size 16 gives blocks of 16, 16 and 8 columns; 40 splits into groups of 4 and of 8.
 OUT, IN, N, BLOCK, DAMP = 16, 40, 400, 16, 0.01
+UNSTRUCTURED = "unstructured"
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -40,7 +58,7 @@ def test_exact_sparsity(name: str, shape: tuple[int, int], sparsity: float) -> N
     out, in_ = shape
     W = _W(1, out, in_)
     H = _H(_correlated_X(2, in_, 3 * in_))
-    pruned = get_solver(name)(W, H, sparsity=sparsity, block_size=6, damp=DAMP)
+    pruned = get_solver(name)(W, H, sparsity=sparsity, pattern=UNSTRUCTURED, block_size=6, damp=DAMP)
     assert pruned.mask.dtype == torch.bool and pruned.mask.shape == W.shape
     assert int((~pruned.mask).sum()) == round(sparsity * W.numel())
     assert bool((pruned.weight[~pruned.mask] == 0).all())
@@ -55,10 +73,11 @@ def test_block_counts_sum_exactly() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
-def test_loss_is_mean_token_reconstruction_error(name: str) -> None:
+@pytest.mark.parametrize("pattern", [UNSTRUCTURED, "2:4"])
+def test_loss_is_mean_token_reconstruction_error(name: str, pattern: str) -> None:
     X = _correlated_X(3)
     W = _W(4)
-    pruned = get_solver(name)(W, _H(X), sparsity=0.5, block_size=BLOCK, damp=DAMP)
+    pruned = get_solver(name)(W, _H(X), sparsity=0.5, pattern=pattern, block_size=BLOCK, damp=DAMP)
     direct = float(((W - pruned.weight) @ X).pow(2).sum()) / N
     # Both sides are float64 sums of ~10⁴ terms that differ only in summation order: error ~1e-13.
     assert pruned.loss == pytest.approx(direct, rel=1e-10)
@@ -68,7 +87,7 @@ def test_loss_is_mean_token_reconstruction_error(name: str) -> None:
 def test_loss_float32() -> None:
     X = _correlated_X(3)
     W = _W(4, dtype=torch.float32)
-    pruned = sparsegpt(W, _H(X).float(), sparsity=0.5, block_size=BLOCK, damp=DAMP)
+    pruned = sparsegpt(W, _H(X).float(), sparsity=0.5, pattern=UNSTRUCTURED, block_size=BLOCK, damp=DAMP)
     direct = float(((W.double() - pruned.weight.double()) @ X).pow(2).sum()) / N
     # The loss itself is computed in float64; the only gap is H rounded to float32 (rel ~1e-7 per entry).
     assert pruned.loss == pytest.approx(direct, rel=1e-5)
@@ -76,7 +95,9 @@ def test_loss_float32() -> None:
 
 def test_identity_hessian_is_per_block_magnitude() -> None:
     W = _W(5)
-    pruned = sparsegpt(W, torch.eye(IN, dtype=torch.float64), sparsity=0.6, block_size=BLOCK, damp=DAMP)
+    pruned = sparsegpt(
+        W, torch.eye(IN, dtype=torch.float64), sparsity=0.6, pattern=UNSTRUCTURED, block_size=BLOCK, damp=DAMP
+    )
     # Reference: per-block magnitude with the same per-block counts and no compensation, since a diagonal
     # Hinv makes every OBS update to other columns zero.
     M = torch.ones_like(W, dtype=torch.bool)
@@ -92,7 +113,7 @@ def test_identity_hessian_is_per_block_magnitude() -> None:
 
 def test_lazy_batch_update_matches_eager_obs() -> None:
     W, H = _W(6), _H(_correlated_X(7))
-    pruned = sparsegpt(W, H, sparsity=0.5, block_size=BLOCK, damp=DAMP)
+    pruned = sparsegpt(W, H, sparsity=0.5, pattern=UNSTRUCTURED, block_size=BLOCK, damp=DAMP)
     # Reference: the same per-block masks, but every column's OBS update applied at once to all later
     # columns, with no deferred Err1 @ Hinv matmul.
     Hinv = prepare_hessian(H, DAMP).Hinv_chol
@@ -114,15 +135,17 @@ def test_lazy_batch_update_matches_eager_obs() -> None:
 
 def test_sparsegpt_beats_magnitude_on_correlated_inputs() -> None:
     W, H = _W(8), _H(_correlated_X(9))
-    ours = sparsegpt(W, H, sparsity=0.5, block_size=BLOCK, damp=DAMP).loss
-    base = magnitude(W, H, sparsity=0.5, block_size=BLOCK, damp=DAMP).loss
+    ours = sparsegpt(W, H, sparsity=0.5, pattern=UNSTRUCTURED, block_size=BLOCK, damp=DAMP).loss
+    base = magnitude(W, H, sparsity=0.5, pattern=UNSTRUCTURED, block_size=BLOCK, damp=DAMP).loss
     # Over seeds 0-29 the ratio ranged 0.11-0.38 (mean 0.21): 0.5 leaves margin yet needs real compensation.
     assert ours < 0.5 * base
 
 
 def test_sparsity_zero_is_identity() -> None:
     W = _W(10, dtype=torch.bfloat16)
-    pruned = sparsegpt(W, _H(_correlated_X(11)).float(), sparsity=0.0, block_size=BLOCK, damp=DAMP)
+    pruned = sparsegpt(
+        W, _H(_correlated_X(11)).float(), sparsity=0.0, pattern=UNSTRUCTURED, block_size=BLOCK, damp=DAMP
+    )
     assert pruned.weight.dtype == torch.bfloat16
     assert torch.equal(pruned.weight, W) and bool(pruned.mask.all())
     assert pruned.loss == 0.0
@@ -134,7 +157,7 @@ def test_damping_escalates_on_indefinite_H() -> None:
     H[0, 1] = H[1, 0] = 1.5
     prepared = prepare_hessian(H, DAMP)
     assert prepared.escalations == 2 and prepared.damp_used == pytest.approx(1.0)
-    pruned = sparsegpt(_W(12), H, sparsity=0.5, block_size=BLOCK, damp=DAMP)
+    pruned = sparsegpt(_W(12), H, sparsity=0.5, pattern=UNSTRUCTURED, block_size=BLOCK, damp=DAMP)
     assert pruned.damp_used == pytest.approx(1.0) and pruned.damp_used > DAMP
     assert torch.isfinite(pruned.weight).all()
 
@@ -151,7 +174,7 @@ def test_dead_column_is_zeroed() -> None:
     H = _H(X)
     prepared = prepare_hessian(H, DAMP)
     assert prepared.dead.nonzero().flatten().tolist() == [3] and prepared.escalations == 0
-    pruned = sparsegpt(_W(14), H, sparsity=0.5, block_size=BLOCK, damp=DAMP)
+    pruned = sparsegpt(_W(14), H, sparsity=0.5, pattern=UNSTRUCTURED, block_size=BLOCK, damp=DAMP)
     assert bool((pruned.weight[:, 3] == 0).all()) and torch.isfinite(pruned.weight).all()
 
 
@@ -161,7 +184,7 @@ def test_inputs_not_mutated(name: str) -> None:
     X[5] = 0  # a dead column exercises the in-place H[dead, dead] = 1 and W[:, dead] = 0
     W, H = _W(16), _H(X)
     W0, H0 = W.clone(), H.clone()
-    get_solver(name)(W, H, sparsity=0.5, block_size=BLOCK, damp=DAMP)
+    get_solver(name)(W, H, sparsity=0.5, pattern=UNSTRUCTURED, block_size=BLOCK, damp=DAMP)
     prepare_hessian(H, DAMP)
     assert torch.equal(W, W0) and torch.equal(H, H0)
 
@@ -196,6 +219,253 @@ def test_layer_loss_matches_trace() -> None:
 
 def test_unknown_solver() -> None:
     with pytest.raises(
-        RacError, match=r"pruner='foo' is unknown; choose one of \['magnitude', 'sparsegpt'\]"
+        RacError, match=r"pruner='foo' is unknown; choose one of \['alps', 'magnitude', 'sparsegpt', 'wanda'\]"
     ):
         get_solver("foo")
+
+
+# ---- patterns and masks
+
+
+@pytest.mark.parametrize(
+    ("pattern", "sparsity", "expected"),
+    [(UNSTRUCTURED, 0.7, None), ("2:4", 0.5, (2, 4)), ("4:8", 0.5, (4, 8)), ("1:3", 1 / 3, (1, 3))],
+)
+def test_parse_pattern(pattern: str, sparsity: float, expected: tuple[int, int] | None) -> None:
+    assert parse_pattern(pattern, sparsity) == expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fragment"),
+    [
+        ("2-4", "neither 'unstructured' nor 'N:M'"),
+        ("a:b", "neither 'unstructured' nor 'N:M'"),
+        ("0:4", "N must be at least 1"),
+        ("1:1", "M must be at least 2"),
+        ("3:2", "N must be below M"),
+        ("4:4", "N must be below M"),
+        (124, "quote it in params.yaml"),
+    ],
+)
+def test_bad_pattern(pattern: str, fragment: str) -> None:
+    with pytest.raises(RacError, match=fragment) as info:
+        parse_pattern(pattern, 0.5)
+    message = str(info.value)
+    assert "\n" not in message and f"prune.pattern={pattern!r}" in message
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_sparsity_contradicting_pattern(name: str) -> None:
+    message = "sparsity=0.7 contradicts prune.pattern='2:4' (which prunes 0.5); set sparsity to 0.5"
+    with pytest.raises(RacError, match=f"^{re.escape(message)}$"):
+        get_solver(name)(_W(21), torch.eye(IN), sparsity=0.7, pattern="2:4", block_size=BLOCK, damp=DAMP)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_in_features_not_divisible_by_m(name: str) -> None:
+    W = _W(22, 4, 10)
+    with pytest.raises(RacError, match=r"needs in_features divisible by 4, but this layer has 10") as info:
+        get_solver(name)(W, torch.eye(10), sparsity=0.5, pattern="2:4", block_size=8, damp=DAMP)
+    assert "\n" not in str(info.value)
+
+
+def test_sparsegpt_block_size_not_multiple_of_m() -> None:
+    with pytest.raises(RacError, match=r"prune.block_size=6 must be a multiple of M=4 .* use e.g. 4"):
+        sparsegpt(_W(23), torch.eye(IN), sparsity=0.5, pattern="2:4", block_size=6, damp=DAMP)
+
+
+def test_keep_smallest_pruned_ties_go_to_lower_index() -> None:
+    scores = torch.tensor([[2.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
+    # Sorted: 0.0 at flat 4, then the 1.0s at flat 1, 2, 3, 5: pruning 3 takes flat 4, 1 and 2.
+    expected = torch.tensor([[True, False, False], [True, False, True]])
+    assert torch.equal(keep_smallest_pruned(scores, 3), expected)
+    assert bool(keep_smallest_pruned(scores, 0).all()) and not bool(keep_smallest_pruned(scores, 6).any())
+    # kthvalue plus index-ordered ties must agree with a stable argsort on every k, ties or not.
+    g = _gen(24)
+    for flat in (torch.randint(0, 4, (30,), generator=g).double(), torch.randn(30, generator=g, dtype=torch.float64)):
+        for k in range(31):
+            reference = torch.ones(30, dtype=torch.bool)
+            reference[torch.argsort(flat, stable=True)[:k]] = False
+            assert torch.equal(keep_smallest_pruned(flat, k), reference)
+
+
+def test_keep_nm_ties_and_counts() -> None:
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 3.0, 0.0, 2.0, 0.0]])
+    assert torch.equal(keep_nm(scores, 2, 4), torch.tensor([[False, False, True, True, True, False, True, False]]))
+    mask = keep_nm(torch.randn(6, 24, generator=_gen(25)), 3, 8)
+    assert torch.equal(mask.reshape(6, 3, 8).sum(-1), torch.full((6, 3), 5))
+
+
+def test_row_counts_sum_exactly() -> None:
+    counts = row_counts(0.33, 16, 40)
+    # round(0.33 · 640) = 211 = 16 · 13 + 3: the first 3 rows take one more.
+    assert counts.tolist() == [14] * 3 + [13] * 13 and int(counts.sum()) == round(0.33 * 640)
+    mask = keep_smallest_per_row(torch.randn(16, 40, generator=_gen(26)), counts)
+    assert torch.equal((~mask).sum(1), counts)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+@pytest.mark.parametrize("shape", [(16, 40), (5, 24)])
+def test_nm_pattern(name: str, pattern: str, shape: tuple[int, int]) -> None:
+    out, in_ = shape
+    n, m = (int(x) for x in pattern.split(":"))
+    X = _correlated_X(27, in_, 3 * in_)
+    X[1] = 0  # a dead input: its weights are 0 but may still count as kept
+    pruned = get_solver(name)(_W(28, out, in_), _H(X), sparsity=n / m, pattern=pattern, block_size=BLOCK, damp=DAMP)
+    # Exactly M − N kept per group: counting zeros instead would miss a kept weight that is itself 0.
+    assert torch.equal(pruned.mask.reshape(out, in_ // m, m).sum(-1), torch.full((out, in_ // m), m - n))
+    assert bool((pruned.weight[~pruned.mask] == 0).all()) and torch.isfinite(pruned.weight).all()
+
+
+# ---- SparseGPT N:M
+
+
+def test_sparsegpt_nm_matches_eager_obs() -> None:
+    W, H = _W(29), _H(_correlated_X(30))
+    pruned = sparsegpt(W, H, sparsity=0.5, pattern="2:4", block_size=8, damp=DAMP)
+    # Reference: the paper's N:M rule with every OBS update applied at once: when column j starts a group, its
+    # mask is the 2 smallest w²/[H⁻¹]_jj² per row of the CURRENT, already compensated weights.
+    Hinv = prepare_hessian(H, DAMP).Hinv_chol
+    d = torch.diag(Hinv)
+    W_ref = W.clone()
+    keep = torch.ones_like(W, dtype=torch.bool)
+    for j in range(IN):
+        if j % 4 == 0:
+            scores = W_ref[:, j : j + 4] ** 2 / d[j : j + 4] ** 2  # [out, 4]
+            smallest = torch.argsort(scores, dim=1, stable=True)[:, :2]
+            keep[:, j : j + 4].scatter_(1, smallest, False)
+        err = W_ref[:, j] * ~keep[:, j] / Hinv[j, j]
+        W_ref[:, j:] -= torch.outer(err, Hinv[j, j:])
+        W_ref[:, j] *= keep[:, j]
+    assert torch.equal(pruned.mask, keep)
+    # Same float64 arithmetic regrouped (rank-1 updates vs one matmul per block): differences ~1e-15.
+    torch.testing.assert_close(pruned.weight, W_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_sparsegpt_nm_beats_magnitude_nm(pattern: str) -> None:
+    W, H = _W(8), _H(_correlated_X(9))
+    ours = sparsegpt(W, H, sparsity=0.5, pattern=pattern, block_size=BLOCK, damp=DAMP).loss
+    base = magnitude(W, H, sparsity=0.5, pattern=pattern, block_size=BLOCK, damp=DAMP).loss
+    # Over seeds 0-29 (2:4 and 4:8) the ratio ranged up to 0.39 (mean 0.19): 0.5 needs real compensation.
+    assert ours < 0.5 * base
+
+
+# ---- Wanda
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.33])
+def test_wanda_identity_hessian_is_per_row_magnitude(sparsity: float) -> None:
+    W = _W(31)
+    pruned = wanda(
+        W, torch.eye(IN, dtype=torch.float64), sparsity=sparsity, pattern=UNSTRUCTURED, block_size=BLOCK, damp=DAMP
+    )
+    # Reference: each row's k_r smallest |w|, where the k_r sum to round(sparsity·numel) and the first rows take
+    # the remainder (0.33: 211 = 16·13 + 3).
+    total = round(sparsity * W.numel())
+    M = torch.ones_like(W, dtype=torch.bool)
+    for r in range(OUT):
+        k = total // OUT + (r < total % OUT)
+        M[r, torch.argsort(W[r].abs())[:k]] = False
+    assert torch.equal(pruned.mask, M)
+    assert torch.equal(pruned.weight, torch.where(M, W, 0.0)) and pruned.damp_used == 0.0
+
+
+def test_wanda_nm_identity_hessian_is_magnitude_nm() -> None:
+    W, H = _W(32), torch.eye(IN, dtype=torch.float64)
+    ours = wanda(W, H, sparsity=0.5, pattern="2:4", block_size=BLOCK, damp=DAMP)
+    assert torch.equal(ours.mask, magnitude(W, H, sparsity=0.5, pattern="2:4", block_size=BLOCK, damp=DAMP).mask)
+
+
+def test_wanda_scales_by_input_norm() -> None:
+    # Input 0 is 10× larger than input 1, so its smaller weight still matters more: Wanda keeps it.
+    W = torch.tensor([[0.5, 1.0]], dtype=torch.float64)
+    H = torch.diag(torch.tensor([100.0, 1.0], dtype=torch.float64))
+    assert wanda(W, H, sparsity=0.5, pattern=UNSTRUCTURED, block_size=BLOCK, damp=DAMP).mask.tolist() == [[True, False]]
+    assert magnitude(W, H, sparsity=0.5, pattern=UNSTRUCTURED, block_size=BLOCK, damp=DAMP).mask.tolist() == [
+        [False, True]
+    ]
+
+
+# ---- ALPS
+
+
+def test_masked_pcg_reaches_restricted_least_squares() -> None:
+    W, H = _W(33, 4, 12), _H(_correlated_X(34, 12, 60))
+    mask = keep_smallest_pruned(torch.rand(4, 12, generator=_gen(35)), 24)
+    B = alps_module.masked_pcg(W, H, mask, torch.zeros_like(W), 12)
+    # Reference: each row's exact minimiser on its support, H_SS b_S = (W H)_S. CG solves a 6-dim SPD system
+    # in ≤ 6 steps in exact arithmetic; 12 steps in float64 leave ~1e-10 relative error on this conditioning.
+    ref = torch.zeros_like(W)
+    for r in range(4):
+        S = mask[r]
+        ref[r, S] = torch.linalg.solve(H[S][:, S], (W[r] @ H)[S])
+    torch.testing.assert_close(B, ref, rtol=1e-7, atol=1e-9)
+    assert bool((B[~mask] == 0).all())
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("alps", DAMP), ("magnitude", 0.0), ("sparsegpt", DAMP), ("wanda", 0.0)]
+)
+def test_damp_used(name: str, expected: float) -> None:
+    # Only the solvers that invert H damp it; a well-conditioned H needs no escalation.
+    pruned = get_solver(name)(_W(36), _H(_correlated_X(37)), sparsity=0.5, pattern="2:4", block_size=BLOCK, damp=DAMP)
+    assert pruned.damp_used == expected
+
+
+@pytest.mark.parametrize(("pattern", "sparsity"), [(UNSTRUCTURED, 0.5), (UNSTRUCTURED, 0.7), ("2:4", 0.5)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_alps_beats_sparsegpt_on_correlated_inputs(pattern: str, sparsity: float, seed: int) -> None:
+    X = _correlated_X(40 + seed, 64, 512)
+    W, H = _W(50 + seed, 32, 64), _H(X)
+    ours = alps(W, H, sparsity=sparsity, pattern=pattern, block_size=BLOCK, damp=DAMP).loss
+    base = sparsegpt(W, H, sparsity=sparsity, pattern=pattern, block_size=BLOCK, damp=DAMP).loss
+    # Over 40 seeds of this data the ratio stayed ≤ 0.17 (means 0.08, 0.04, 0.11): 0.5 leaves room yet needs a
+    # support and values that SparseGPT's greedy pass cannot reach.
+    assert ours < 0.5 * base
+
+
+@pytest.mark.parametrize(("pattern", "sparsity"), [(UNSTRUCTURED, 0.5), (UNSTRUCTURED, 0.7), ("2:4", 0.5)])
+def test_admm_support_beats_its_start(pattern: str, sparsity: float) -> None:
+    X = _correlated_X(40, 64, 512)
+    W, H = _W(50, 32, 64), _H(X)
+    Wn, Hn, L, Q, s = alps_module.jacobi_scaled(W, H, DAMP)
+    k = round(sparsity * W.numel())
+    nm = parse_pattern(pattern, sparsity)
+    start = keep_smallest_pruned(Wn.abs(), k) if nm is None else keep_nm(Wn.abs(), *nm)
+    admm = alps_module.admm_support(Wn, Hn, L, Q, start, k, nm)
+    assert int((~admm.mask).sum()) == k and admm.iterations < alps_module.MAX_ITERS
+
+    def polished(mask: torch.Tensor) -> float:
+        return layer_loss(W, alps_module.masked_pcg(Wn, Hn, mask, Wn * mask, alps_module.PCG_ITERS) / s, H)
+
+    # alps() keeps the better of the two supports, so this is what shows that ADMM itself finds a better one.
+    # Over 40 seeds of this data the ratio was at most 0.84, 0.79 and 0.88 (means 0.80, 0.68, 0.83).
+    assert polished(admm.mask) < 0.95 * polished(start)
+
+
+def _scaled_X(seed: int, in_: int = 64, n: int = 512) -> torch.Tensor:
+    """[in, n] rank-16 correlated activations whose features span two decades of scale, as LLM inputs do."""
+    g = _gen(seed)
+    A = torch.randn(in_, 16, generator=g, dtype=torch.float64)
+    X = A @ torch.randn(16, n, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        in_, n, generator=g, dtype=torch.float64
+    )
+    scale = torch.logspace(-1, 1, in_, dtype=torch.float64)[torch.randperm(in_, generator=g)]
+    return X * scale.unsqueeze(1)
+
+
+@pytest.mark.parametrize(("pattern", "sparsity"), [(UNSTRUCTURED, 0.5), (UNSTRUCTURED, 0.7), ("2:4", 0.5)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loss_ordering(pattern: str, sparsity: float, seed: int) -> None:
+    W, H = _W(1000 + seed, 32, 64), _H(_scaled_X(seed))
+    loss = {
+        name: solver(W, H, sparsity=sparsity, pattern=pattern, block_size=BLOCK, damp=DAMP).loss
+        for name, solver in SOLVERS.items()
+    }
+    # Worst ratios over 40 seeds (all three settings): ALPS/SparseGPT 0.30, SparseGPT/Wanda 0.81,
+    # Wanda/magnitude 0.31 (the scales make |w| alone a poor score). Each margin clears its worst case.
+    assert loss["alps"] < 0.5 * loss["sparsegpt"]
+    assert loss["sparsegpt"] < 0.9 * loss["wanda"]
+    assert loss["wanda"] < 0.5 * loss["magnitude"]

@@ -5,21 +5,24 @@ from typing import Protocol
 import torch
 
 from stages.errors import RacError
+from stages.solvers.alps import alps
 from stages.solvers.base import Pruned
 from stages.solvers.hessian import Prepared, hessian_from_sums, prepare_hessian
 from stages.solvers.magnitude import magnitude
+from stages.solvers.masks import parse_pattern
 from stages.solvers.sparsegpt import sparsegpt
+from stages.solvers.wanda import wanda
 
 
 class Solver(Protocol):
-    """Prune W [out, in] given H [in, in]; never mutates either."""
+    """Prune W [out, in] given H [in, in] to ``sparsity`` in ``pattern`` ("unstructured" or "N:M"); never mutates."""
 
     def __call__(
-        self, W: torch.Tensor, H: torch.Tensor, *, sparsity: float, block_size: int, damp: float
+        self, W: torch.Tensor, H: torch.Tensor, *, sparsity: float, pattern: str, block_size: int, damp: float
     ) -> Pruned: ...
 
 
-SOLVERS: dict[str, Solver] = {"sparsegpt": sparsegpt, "magnitude": magnitude}
+SOLVERS: dict[str, Solver] = {"alps": alps, "magnitude": magnitude, "sparsegpt": sparsegpt, "wanda": wanda}
 
 
 def get_solver(name: str) -> Solver:
@@ -34,9 +37,12 @@ __all__ = [
     "Prepared",
     "Pruned",
     "Solver",
+    "alps",
     "get_solver",
     "hessian_from_sums",
     "magnitude",
+    "parse_pattern",
     "prepare_hessian",
     "sparsegpt",
+    "wanda",
 ]

@@ -36,10 +36,3 @@ def block_counts(sparsity: float, rows: int, columns: int, block_size: int) -> l
         n_pruned(sparsity, rows * min(c0 + block_size, columns)) - n_pruned(sparsity, rows * c0)
         for c0 in range(0, columns, block_size)
     ]
-
-
-def keep_smallest_pruned(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask like ``scores``, False at its ``k`` smallest entries; ties go to the lower flat index."""
-    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    mask[torch.argsort(scores.flatten(), stable=True)[:k]] = False
-    return mask.reshape(scores.shape)

@@ -1,16 +1,26 @@
-"""SparseGPT (Frantar & Alistarh, 2023), unstructured, as in the IST-DASLab reference."""
+"""SparseGPT (Frantar & Alistarh, 2023), unstructured or N:M, as in the IST-DASLab reference."""
 
 import torch
 
-from stages.solvers.base import Pruned, block_counts, keep_smallest_pruned, layer_loss
+from stages.errors import RacError
+from stages.solvers.base import Pruned, block_counts, layer_loss
 from stages.solvers.hessian import prepare_hessian
+from stages.solvers.masks import keep_nm, keep_smallest_pruned, layer_pattern
 
 
-def sparsegpt(W: torch.Tensor, H: torch.Tensor, *, sparsity: float, block_size: int, damp: float) -> Pruned:
-    """Prune W [out, in] to ``sparsity`` by per-block OBS masks and compensation, minimising ||WX − ŴX||²."""
+def sparsegpt(
+    W: torch.Tensor, H: torch.Tensor, *, sparsity: float, pattern: str, block_size: int, damp: float
+) -> Pruned:
+    """Prune W [out, in] to ``sparsity`` by OBS masks and compensation, minimising ||WX − ŴX||²."""
     out, in_ = W.shape
     if H.shape != (in_, in_):
         raise ValueError(f"H has shape {tuple(H.shape)} but W {tuple(W.shape)} needs [{in_}, {in_}]")
+    nm = layer_pattern(pattern, sparsity, in_)
+    if nm is not None and block_size % nm[1] != 0:
+        raise RacError(
+            f"prune.block_size={block_size} must be a multiple of M={nm[1]} for prune.pattern={pattern!r}; "
+            f"use e.g. {max(block_size // nm[1], 1) * nm[1]}"
+        )
     # float32 as in the reference; float64 only when the caller already paid for it.
     dtype = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
     Hinv, dead, damp_used, _ = prepare_hessian(H.to(dtype), damp)  # [in, in] upper Cholesky of H⁻¹
@@ -25,9 +35,14 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, *, sparsity: float, block_size: 
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]  # [B, B]
-        # OBS saliency w²/[H⁻¹]_ii², chosen once per block so the mask adapts to earlier compensation.
-        M1 = keep_smallest_pruned(W1**2 / torch.diag(Hinv1).unsqueeze(0) ** 2, k)  # [out, B]
+        d1 = torch.diag(Hinv1).unsqueeze(0)  # [1, B]
+        # OBS saliency w²/[H⁻¹]_ii². Unstructured: chosen once per block, so the mask adapts to earlier
+        # compensation. N:M: chosen per group when the loop reaches it, from the weights compensated so far.
+        M1 = keep_smallest_pruned(W1**2 / d1**2, k) if nm is None else torch.ones_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                g = slice(i, i + nm[1])
+                M1[:, g] = keep_nm(W1[:, g] ** 2 / d1[:, g] ** 2, *nm)
             w = W1[:, i]  # [out]
             d = Hinv1[i, i]
             q = torch.where(M1[:, i], w, 0.0)
