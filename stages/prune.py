@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoConfig
 
-from stages.models import compute_device, decoder_layers, fingerprint, load_model, load_tokenizer
+from stages.models import compute_device, decoder_layers, fingerprint, load_model, load_tokenizer, model_dir
 from stages.params import Params
 from stages.schemas import HessianStore, atomic_path
 from stages.solvers import get_solver, hessian_from_sums
@@ -78,6 +79,8 @@ def run(p: Params, hessians: Path, out: Path) -> None:
         "mix": p.prune.mix,
         "layers": rows,
     }
+    # Solved in float32; saved in the checkpoint's own dtype, so a bf16 model stays bf16 on disk.
+    model.to(AutoConfig.from_pretrained(model_dir(p.model)).dtype or torch.float32)
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp)
         load_tokenizer(p.model).save_pretrained(tmp)

@@ -50,15 +50,18 @@ def markdown_table(p: Params, rows: dict[str, dict[str, float]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot(rows: dict[str, dict[str, float]], path: Path) -> None:
-    """Bar charts of accuracy and mean CoT length per model."""
+def plot(p: Params, rows: dict[str, dict[str, float]], path: Path) -> None:
+    """Bar charts of accuracy and mean CoT length per model, with the max length dashed."""
     names = list(rows)
     fig, (ax_acc, ax_len) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_acc.bar(names, [rows[n]["accuracy"] for n in names], yerr=[rows[n]["accuracy_se"] for n in names])
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_ylim(0, 1)
     ax_len.bar(names, [rows[n]["mean_cot_tokens"] for n in names], color="tab:orange")
+    ax_len.axhline(p.evaluate.max_new_tokens, color="grey", linestyle="--", label="max_new_tokens")
     ax_len.set_ylabel("mean CoT tokens")
+    ax_len.legend(loc="lower right")
+    fig.suptitle(f"{p.pruner} at sparsity {p.sparsity}: calibration source vs. accuracy and CoT length")
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
@@ -72,7 +75,7 @@ def run(p: Params, evaluations: Path, out: Path) -> None:
         writer.writerow(["model", *COLUMNS])
         writer.writerows([name, *(m[c] for c in COLUMNS)] for name, m in rows.items())
     with atomic_path(out / "summary.png") as tmp:
-        plot(rows, tmp)
+        plot(p, rows, tmp)
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(markdown_table(p, rows))
     log.info("report:\n%s", markdown_table(p, rows))

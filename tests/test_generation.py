@@ -40,8 +40,9 @@ def test_vllm_and_hf_greedy_agree_on_embedded_model() -> None:
 def test_vllm_sampling_gives_n_distinct_samples() -> None:
     p = load_params(ROOT / "params.yaml")
     tokenizer = load_tokenizer(str(EMBEDDED))
-    prompt = encode_prompt(tokenizer, get_task(p.task).problems(1, 5)[0].prompt)
-    hot = dataclasses.replace(p.rollout, backend="vllm", temperature=1.5, max_new_tokens=64)
-    (samples,) = generate(str(EMBEDDED), [prompt], hot, 4)
+    # Generic text is where the model is uncertain (word choice is random in its training data);
+    # its arithmetic is near-deterministic even when sampled.
+    prompt = encode_prompt(tokenizer, "the cat sees a")
+    (samples,) = generate(str(EMBEDDED), [prompt], dataclasses.replace(p.rollout, backend="vllm"), 4)
     assert len(samples) == 4
     assert len({tuple(s.token_ids) for s in samples}) > 1

@@ -1,0 +1,56 @@
+"""The prune stage on a tiny model: only decoder linears change, at the target sparsity."""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from stages import hessians, prune
+from stages.params import load_params
+from stages.schemas import CALIBRATION, write_parquet
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prune_changes_only_decoder_linears(
+    tmp_path: Path, tiny_model_dir: Path, params_file: Callable[..., Path], dtype: torch.dtype
+) -> None:
+    dense = tmp_path / "dense"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).save_pretrained(dense)
+    for f in tiny_model_dir.glob("tokenizer*"):
+        (dense / f.name).write_bytes(f.read_bytes())
+    p = load_params(params_file(dense, {"sparsity": 0.6, "hessians": {"batch_size": 4, "chunk": 32}}))
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {
+            "seq_id": i,
+            "token_ids": torch.randint(4, 46, (40,), generator=g).tolist(),
+            "segment": [0] * 10 + [1] * 30,
+            "source": "rac",
+        }
+        for i in range(8)
+    ]
+    calib, store, out = tmp_path / "rac.parquet", tmp_path / "rac.zarr", tmp_path / "pruned"
+    write_parquet(rows, CALIBRATION, calib, {"source": "rac"})
+    hessians.run(p, calib, store)
+    prune.run(p, store, out)
+
+    before, after = load_file(dense / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    n_linear = 0
+    for name, w in before.items():
+        assert after[name].dtype == dtype  # saved in the checkpoint's own dtype
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            n_linear += 1
+            assert abs((after[name] == 0).float().mean().item() - 0.6) < 1e-2, name
+        else:  # embeddings, norms, biases and lm_head are never pruned
+            assert torch.equal(after[name], w), name
+    assert n_linear == 2 * 7
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["layers"]) == n_linear
+    assert abs(report["achieved_sparsity"] - 0.6) < 1e-3
+    assert all(r["loss"] >= 0 and r["seconds"] >= 0 and r["damp_used"] >= p.prune.damp for r in report["layers"])
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
