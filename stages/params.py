@@ -11,7 +11,7 @@ from typing import Any, TypeVar, get_origin, get_type_hints
 from ruamel.yaml import YAML
 
 from stages.errors import RacError
-from stages.solvers import get_solver, parse_pattern
+from stages.solvers import KERNELS, get_solver, parse_pattern
 from stages.tasks import get_task
 
 SOURCES = ("generic", "prompt", "rac")
@@ -156,11 +156,13 @@ class PruneParams:
     """Solver settings shared by every pruner."""
 
     pattern: str
+    kernel: str
     block_size: int
     damp: float
     mix: dict[str, float]
 
     def check(self) -> None:
+        _choice("prune.kernel", self.kernel, ("auto", *KERNELS))
         _positive("prune.block_size", self.block_size)
         _positive("prune.damp", self.damp)
         if set(self.mix) != set(SEGMENTS):

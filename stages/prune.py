@@ -5,6 +5,7 @@ Writes: a pruned HF model directory (safetensors, config, tokenizer) with ``repo
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from stages.errors import RacError
 from stages.models import compute_device, decoder_layers, fingerprint, load_model, load_tokenizer, model_dir
 from stages.params import Params
 from stages.schemas import HessianStore, atomic_path
@@ -20,10 +22,20 @@ from stages.solvers import get_solver, hessian_from_sums
 log = logging.getLogger(__name__)
 
 
+def resolve_kernel(kernel: str) -> str:
+    """``auto`` is the fused Triton kernel on CUDA and torch elsewhere; ``triton`` needs CUDA or the interpreter."""
+    if kernel == "auto":
+        return "triton" if torch.cuda.is_available() else "torch"
+    if kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RacError("prune.kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 to test); use auto or torch")
+    return kernel
+
+
 @torch.no_grad()
 def run(p: Params, hessians: Path, out: Path) -> None:
     """Prune every linear of every decoder layer with ``p.pruner`` on the cached Hessians."""
     solver = get_solver(p.pruner)
+    kernel = resolve_kernel(p.prune.kernel)
     store = HessianStore(hessians, fingerprint(p.model))
     device = compute_device()
     model = load_model(p.model, device)
@@ -45,6 +57,7 @@ def run(p: Params, hessians: Path, out: Path) -> None:
                 pattern=p.prune.pattern,
                 block_size=p.prune.block_size,
                 damp=p.prune.damp,
+                kernel=kernel,
             )
             seconds = time.perf_counter() - start
             if result.damp_used > p.prune.damp:
@@ -76,6 +89,7 @@ def run(p: Params, hessians: Path, out: Path) -> None:
         "hessians": str(hessians),
         "source": store.attrs["source"],
         "pattern": p.prune.pattern,
+        "kernel": kernel,
         "mix": p.prune.mix,
         "layers": rows,
     }

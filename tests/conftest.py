@@ -2,12 +2,19 @@
 
 import copy
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run under its interpreter. The flag must be set before triton is
+# first imported (transformers imports it), because triton's own library functions are jitted then.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -97,3 +104,13 @@ def params_file(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` when CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

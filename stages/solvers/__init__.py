@@ -10,15 +10,26 @@ from stages.solvers.base import Pruned
 from stages.solvers.hessian import Prepared, hessian_from_sums, prepare_hessian
 from stages.solvers.magnitude import magnitude
 from stages.solvers.masks import parse_pattern
-from stages.solvers.sparsegpt import sparsegpt
+from stages.solvers.sparsegpt import KERNELS, sparsegpt
 from stages.solvers.wanda import wanda
 
 
 class Solver(Protocol):
-    """Prune W [out, in] given H [in, in] to ``sparsity`` in ``pattern`` ("unstructured" or "N:M"); never mutates."""
+    """Prune W [out, in] given H [in, in] to ``sparsity`` in ``pattern`` ("unstructured" or "N:M"); never mutates.
+
+    ``kernel`` ("torch" or "triton") picks the implementation of a sequential inner loop where a solver has one.
+    """
 
     def __call__(
-        self, W: torch.Tensor, H: torch.Tensor, *, sparsity: float, pattern: str, block_size: int, damp: float
+        self,
+        W: torch.Tensor,
+        H: torch.Tensor,
+        *,
+        sparsity: float,
+        pattern: str,
+        block_size: int,
+        damp: float,
+        kernel: str,
     ) -> Pruned: ...
 
 
@@ -33,6 +44,7 @@ def get_solver(name: str) -> Solver:
 
 
 __all__ = [
+    "KERNELS",
     "SOLVERS",
     "Prepared",
     "Pruned",

@@ -51,8 +51,13 @@ class Admm(NamedTuple):
     rho: float  # ρ at the last iteration
 
 
-def alps(W: torch.Tensor, H: torch.Tensor, *, sparsity: float, pattern: str, block_size: int, damp: float) -> Pruned:
-    """Prune W [out, in] to ``sparsity`` by ADMM on ||WX − ŴX||² and a masked PCG polish; block_size is unused."""
+def alps(
+    W: torch.Tensor, H: torch.Tensor, *, sparsity: float, pattern: str, block_size: int, damp: float, kernel: str
+) -> Pruned:
+    """Prune W [out, in] to ``sparsity`` by ADMM on ||WX − ŴX||², then a masked PCG polish.
+
+    block_size and kernel are accepted for the common signature and unused.
+    """
     in_ = W.shape[1]
     if H.shape != (in_, in_):
         raise ValueError(f"H has shape {tuple(H.shape)} but W {tuple(W.shape)} needs [{in_}, {in_}]")

@@ -7,11 +7,55 @@ from stages.solvers.base import Pruned, block_counts, layer_loss
 from stages.solvers.hessian import prepare_hessian
 from stages.solvers.masks import keep_nm, keep_smallest_pruned, layer_pattern
 
+KERNELS = ("torch", "triton")
+
+
+def obs_block(
+    W1: torch.Tensor, Hinv1: torch.Tensor, M1: torch.Tensor, nm: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sequential column loop of one block: (Q1, Err1, M1) from W1 [out, B], Hinv1 [B, B], M1 [out, B].
+
+    Q1 holds the pruned, compensated weights; Err1 the scaled errors (w − q)/[H⁻¹]ᵢᵢ for the lazy
+    trailing update; M1 the mask (for N:M, chosen here group by group). The inputs are not mutated.
+    """
+    W1 = W1.clone()
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    M1 = M1.clone()
+    d1 = torch.diag(Hinv1).unsqueeze(0)  # [1, B]
+    for i in range(W1.shape[1]):
+        if nm is not None and i % nm[1] == 0:
+            g = slice(i, i + nm[1])
+            M1[:, g] = keep_nm(W1[:, g] ** 2 / d1[:, g] ** 2, *nm)
+        w = W1[:, i]  # [out]
+        q = torch.where(M1[:, i], w, 0.0)
+        Q1[:, i] = q
+        err = (w - q) / Hinv1[i, i]  # [out]
+        W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+    return Q1, Err1, M1
+
 
 def sparsegpt(
-    W: torch.Tensor, H: torch.Tensor, *, sparsity: float, pattern: str, block_size: int, damp: float
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    sparsity: float,
+    pattern: str,
+    block_size: int,
+    damp: float,
+    kernel: str,
 ) -> Pruned:
-    """Prune W [out, in] to ``sparsity`` by OBS masks and compensation, minimising ||WX − ŴX||²."""
+    """Prune W [out, in] to ``sparsity`` by OBS masks and compensation, minimising ||WX − ŴX||².
+
+    ``kernel`` runs each block's column loop: "torch" (``obs_block``) or "triton" (the fused kernel).
+    """
+    if kernel not in KERNELS:
+        raise RacError(f"prune.kernel={kernel!r} is unknown; choose one of {sorted(KERNELS)}")
+    if kernel == "triton":
+        from stages.kernels.sparsegpt_block import obs_block_triton as block_step  # triton only when asked for
+    else:
+        block_step = obs_block
     out, in_ = W.shape
     if H.shape != (in_, in_):
         raise ValueError(f"H has shape {tuple(H.shape)} but W {tuple(W.shape)} needs [{in_}, {in_}]")
@@ -31,25 +75,13 @@ def sparsegpt(
 
     for i1, k in zip(range(0, in_, block_size), counts, strict=True):
         i2 = min(i1 + block_size, in_)
-        W1 = W_hat[:, i1:i2].clone()  # [out, B]
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        W1 = W_hat[:, i1:i2]  # [out, B]
         Hinv1 = Hinv[i1:i2, i1:i2]  # [B, B]
-        d1 = torch.diag(Hinv1).unsqueeze(0)  # [1, B]
         # OBS saliency w²/[H⁻¹]_ii². Unstructured: chosen once per block, so the mask adapts to earlier
-        # compensation. N:M: chosen per group when the loop reaches it, from the weights compensated so far.
+        # compensation. N:M: chosen per group inside the loop, from the weights compensated so far.
+        d1 = torch.diag(Hinv1).unsqueeze(0)  # [1, B]
         M1 = keep_smallest_pruned(W1**2 / d1**2, k) if nm is None else torch.ones_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                g = slice(i, i + nm[1])
-                M1[:, g] = keep_nm(W1[:, g] ** 2 / d1[:, g] ** 2, *nm)
-            w = W1[:, i]  # [out]
-            d = Hinv1[i, i]
-            q = torch.where(M1[:, i], w, 0.0)
-            Q1[:, i] = q
-            err = (w - q) / d  # [out]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        Q1, Err1, M1 = block_step(W1, Hinv1, M1, nm)
         W_hat[:, i1:i2] = Q1
         M[:, i1:i2] = M1
         # Deferred update of the trailing columns: one matmul per block instead of one rank-1 per column.

@@ -6,8 +6,13 @@ from stages.solvers.base import Pruned, layer_loss
 from stages.solvers.masks import keep_nm, keep_smallest_per_row, layer_pattern, row_counts
 
 
-def wanda(W: torch.Tensor, H: torch.Tensor, *, sparsity: float, pattern: str, block_size: int, damp: float) -> Pruned:
-    """Zero the smallest |w_ij|·sqrt(H_jj) per row (or N per group of M); only diag(H) chooses the mask."""
+def wanda(
+    W: torch.Tensor, H: torch.Tensor, *, sparsity: float, pattern: str, block_size: int, damp: float, kernel: str
+) -> Pruned:
+    """Zero the smallest |w_ij|·sqrt(H_jj) per row (or N per group of M); only diag(H) chooses the mask.
+
+    block_size, damp and kernel are accepted for the common signature and unused.
+    """
     out, in_ = W.shape
     if H.shape != (in_, in_):
         raise ValueError(f"H has shape {tuple(H.shape)} but W {tuple(W.shape)} needs [{in_}, {in_}]")

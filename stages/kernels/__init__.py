@@ -1,0 +1,1 @@
+"""Triton kernels, each a drop-in for a torch reference in ``stages/solvers``."""
