@@ -11,6 +11,7 @@ from typing import Any, TypeVar, get_origin, get_type_hints
 from ruamel.yaml import YAML
 
 from stages.errors import RacError
+from stages.selection import SCOPES, check_layers
 from stages.solvers import KERNELS, get_solver, parse_pattern
 from stages.tasks import get_task
 
@@ -155,6 +156,9 @@ class HessiansParams:
 class PruneParams:
     """Solver settings shared by every pruner."""
 
+    scope: str
+    layers: str
+    overrides: dict[str, float]
     pattern: str
     kernel: str
     block_size: int
@@ -163,6 +167,9 @@ class PruneParams:
 
     def check(self) -> None:
         _choice("prune.kernel", self.kernel, ("auto", *KERNELS))
+        _choice("prune.scope", self.scope, SCOPES)
+        for spec in (self.layers, *self.overrides):
+            check_layers(spec)
         _positive("prune.block_size", self.block_size)
         _positive("prune.damp", self.damp)
         if set(self.mix) != set(SEGMENTS):
@@ -188,13 +195,15 @@ class Params:
     evaluate: EvaluateParams
 
     def check(self) -> None:
-        if not 0 <= self.sparsity < 1:
-            raise RacError(f"sparsity={self.sparsity!r} is outside [0, 1); pass a fraction such as 0.5")
         for source in self.sources:
             _choice("sources[]", source, SOURCES)
         get_task(self.task)
         get_solver(self.pruner)
-        parse_pattern(self.prune.pattern, self.sparsity)
+        for value in (self.sparsity, *self.prune.overrides.values()):
+            if not 0 <= value < 1:
+                raise RacError(f"sparsity={value!r} is outside [0, 1); pass a fraction such as 0.5")
+            if value > 0:
+                parse_pattern(self.prune.pattern, value)
 
 
 _SECTIONS = {

@@ -5,6 +5,7 @@ Writes: a pruned HF model directory (safetensors, config, tokenizer) with ``repo
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from stages.errors import RacError
 from stages.models import compute_device, decoder_layers, fingerprint, load_model, load_tokenizer, model_dir
 from stages.params import Params
 from stages.schemas import HessianStore, atomic_path
+from stages.selection import in_scope, layer_sparsities
 from stages.solvers import get_solver, hessian_from_sums
 
 log = logging.getLogger(__name__)
@@ -33,27 +35,34 @@ def resolve_kernel(kernel: str) -> str:
 
 @torch.no_grad()
 def run(p: Params, hessians: Path, out: Path) -> None:
-    """Prune every linear of every decoder layer with ``p.pruner`` on the cached Hessians."""
+    """Prune the selected linears of the decoder layers with ``p.pruner`` on the cached Hessians."""
     solver = get_solver(p.pruner)
     kernel = resolve_kernel(p.prune.kernel)
     store = HessianStore(hessians, fingerprint(p.model))
     device = compute_device()
     model = load_model(p.model, device)
     layers = decoder_layers(model)
+    targets = layer_sparsities(p.sparsity, p.prune.scope, p.prune.layers, p.prune.overrides, len(layers))
     rows = []
-    total_zero = total_numel = 0
     for group in tqdm(store.groups(), desc=f"prune ({p.pruner})", unit="group"):
-        sums = store.sums(group)
-        H = hessian_from_sums(
-            {s: torch.from_numpy(x).to(device) for s, x in sums.items()}, group.n_tokens, p.prune.mix
-        )  # [in, in]
-        for member in group.members:
+        members = {m: targets[group.layer] if in_scope(m, p.prune.scope) else 0.0 for m in group.members}
+        if any(members.values()):
+            sums = store.sums(group)
+            H = hessian_from_sums(
+                {s: torch.from_numpy(x).to(device) for s, x in sums.items()}, group.n_tokens, p.prune.mix
+            )  # [in, in]
+        for member, target in members.items():
             linear = layers[group.layer].get_submodule(member)
+            row = {"layer": group.layer, "module": member, "shape": list(linear.weight.shape), "target": target}
+            if target == 0:
+                sparsity = float((linear.weight == 0).float().mean())
+                rows.append(row | {"loss": 0.0, "sparsity": sparsity, "damp_used": 0.0, "seconds": 0.0})
+                continue
             start = time.perf_counter()
             result = solver(
                 linear.weight.data,
                 H,
-                sparsity=p.sparsity,
+                sparsity=target,
                 pattern=p.prune.pattern,
                 block_size=p.prune.block_size,
                 damp=p.prune.damp,
@@ -69,23 +78,21 @@ def run(p: Params, hessians: Path, out: Path) -> None:
                     result.damp_used,
                 )
             linear.weight.data.copy_(result.weight)
-            n_zero = int((result.weight == 0).sum())
-            total_zero, total_numel = total_zero + n_zero, total_numel + result.weight.numel()
+            sparsity = float((result.weight == 0).float().mean())
             rows.append(
-                {
-                    "layer": group.layer,
-                    "module": member,
-                    "shape": list(result.weight.shape),
-                    "loss": result.loss,
-                    "sparsity": n_zero / result.weight.numel(),
-                    "damp_used": result.damp_used,
-                    "seconds": seconds,
-                }
+                row | {"loss": result.loss, "sparsity": sparsity, "damp_used": result.damp_used, "seconds": seconds}
             )
+    numel = [math.prod(r["shape"]) for r in rows]
+    pruned = [(r, n) for r, n in zip(rows, numel, strict=True) if r["target"] > 0]
     report = {
         "pruner": p.pruner,
         "target_sparsity": p.sparsity,
-        "achieved_sparsity": total_zero / total_numel,
+        # Over every decoder linear, and over the pruned ones only (they differ under scope/layers).
+        "achieved_sparsity": sum(r["sparsity"] * n for r, n in zip(rows, numel, strict=True)) / sum(numel),
+        "achieved_sparsity_pruned": sum(r["sparsity"] * n for r, n in pruned) / max(1, sum(n for _, n in pruned)),
+        "scope": p.prune.scope,
+        "layers_spec": p.prune.layers,
+        "overrides": p.prune.overrides,
         "hessians": str(hessians),
         "source": store.attrs["source"],
         "pattern": p.prune.pattern,

@@ -1,6 +1,7 @@
 """params.yaml: the shipped file loads; every bad value, missing key or unknown key is a one-line RacError."""
 
 import dataclasses
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,30 @@ def test_section_not_a_mapping(params_file: Callable[..., Path]) -> None:
 def test_mistyped_value_is_rac_error(params_file: Callable[..., Path]) -> None:
     with pytest.raises(RacError, match="sparsity"):
         load_params(params_file("m", {"sparsity": "half"}))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"prune": {"pattern": "3:2"}, "sparsity": 0.5}, "3:2"),
+        ({"prune": {"pattern": "0:4"}, "sparsity": 0.5}, "0:4"),
+        ({"prune": {"pattern": "2-4"}, "sparsity": 0.5}, "2-4"),
+        ({"prune": {"pattern": "2:4"}, "sparsity": 0.7}, "sparsity=0.7 contradicts prune.pattern='2:4'"),
+        ({"prune": {"pattern": "2:4", "overrides": {"0": 0.3}}, "sparsity": 0.5}, "sparsity=0.3 contradicts"),
+        ({"prune": {"scope": "heads"}}, "prune.scope='heads'"),
+        ({"prune": {"layers": "3-1"}}, "layer spec '3-1'"),
+        ({"prune": {"overrides": {"0": 1.0}}}, "sparsity=1.0 is outside"),
+        ({"prune": {"kernel": "cuda"}}, "prune.kernel='cuda'"),
+        ({"pruner": "obc"}, "pruner='obc'"),
+    ],
+)
+def test_bad_pruning_params(params_file: Callable[..., Path], overrides: dict, message: str) -> None:
+    with pytest.raises(RacError, match=re.escape(message)):
+        load_params(params_file("m", overrides))
+
+
+def test_pattern_from_dvc_set_is_a_string(params_file: Callable[..., Path]) -> None:
+    # `dvc exp run -S prune.pattern=2:4` writes it unquoted; YAML 1.1 would read the integer 124.
+    path = params_file("m", {"sparsity": 0.5})
+    path.write_text(path.read_text().replace("pattern: unstructured", "pattern: 2:4"))
+    assert load_params(path).prune.pattern == "2:4"

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from stages import hessians, prune
+from stages.errors import RacError
 from stages.params import load_params
 from stages.schemas import CALIBRATION, write_parquet
 
@@ -54,3 +55,50 @@ def test_prune_changes_only_decoder_linears(
     assert abs(report["achieved_sparsity"] - 0.6) < 1e-3
     assert all(r["loss"] >= 0 and r["seconds"] >= 0 and r["damp_used"] >= p.prune.damp for r in report["layers"])
     assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_scope_layers_and_overrides(tmp_path: Path, tiny_model_dir: Path, params_file: Callable[..., Path]) -> None:
+    overrides = {"sparsity": 0.5, "prune": {"scope": "mlp", "layers": "1", "overrides": {"0": 0.25}}}
+    p = load_params(params_file(tiny_model_dir, overrides | {"hessians": {"batch_size": 4, "chunk": 32}}))
+    g = torch.Generator().manual_seed(1)
+    rows = [
+        {
+            "seq_id": 0,
+            "token_ids": torch.randint(4, 46, (64,), generator=g).tolist(),
+            "segment": [0] * 64,
+            "source": "generic",
+        }
+    ]
+    calib, store, out = tmp_path / "g.parquet", tmp_path / "g.zarr", tmp_path / "pruned"
+    write_parquet(rows, CALIBRATION, calib, {"source": "generic"})
+    hessians.run(p, calib, store)
+    prune.run(p, store, out)
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    for name, w in before.items():
+        if not (name.startswith("model.layers.") and name.endswith("proj.weight")):
+            continue
+        zeros = (after[name] == 0).float().mean().item()
+        if ".mlp." not in name:  # attention is out of scope
+            assert torch.equal(after[name], w), name
+        elif name.startswith("model.layers.0."):  # the override
+            assert abs(zeros - 0.25) < 1e-2, name
+        else:  # layer 1 at `sparsity`
+            assert abs(zeros - 0.5) < 1e-2, name
+    report = json.loads((out / "report.json").read_text())
+    targets = {(r["layer"], r["module"]): r["target"] for r in report["layers"]}
+    assert targets[(0, "mlp.up_proj")] == 0.25 and targets[(1, "mlp.up_proj")] == 0.5
+    assert targets[(1, "self_attn.q_proj")] == 0.0
+    assert 0 < report["achieved_sparsity"] < report["achieved_sparsity_pruned"] < 0.5
+
+
+def test_layer_range_out_of_bounds(tmp_path: Path, tiny_model_dir: Path, params_file: Callable[..., Path]) -> None:
+    p = load_params(
+        params_file(tiny_model_dir, {"prune": {"layers": "0-5"}, "hessians": {"batch_size": 4, "chunk": 32}})
+    )
+    rows = [{"seq_id": 0, "token_ids": [1, 5, 6, 7], "segment": [0, 0, 1, 1], "source": "rac"}]
+    calib, store = tmp_path / "r.parquet", tmp_path / "r.zarr"
+    write_parquet(rows, CALIBRATION, calib, {"source": "rac"})
+    hessians.run(p, calib, store)
+    with pytest.raises(RacError, match="'0-5' is out of bounds: the model has layers 0-1"):
+        prune.run(p, store, tmp_path / "pruned")
+    assert not (tmp_path / "pruned").exists()
