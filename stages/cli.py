@@ -81,15 +81,44 @@ def calibrate(params_path: Path, source: str, traces: Path, out: Path) -> None:
     stage.run(_params(params_path), source, traces, out)
 
 
-@main.command()
+@main.group(cls=RacGroup, invoke_without_command=True)
 @PARAMS_OPTION
-@click.option("--calib", type=click.Path(path_type=Path), required=True, help="Calibration Parquet to read.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Zarr Hessian store to write.")
-def hessians(params_path: Path, calib: Path, out: Path) -> None:
-    """Accumulate per-layer X·Xᵀ sums (prompt and decode apart) over one source."""
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration Parquet to read.")
+@click.option("--out", type=click.Path(path_type=Path), help="Zarr Hessian store to write.")
+@click.option("--world-size", type=int, default=1, show_default=True, help="Processes sharing the sequences.")
+@click.pass_context
+def hessians(ctx: click.Context, params_path: Path, calib: Path | None, out: Path | None, world_size: int) -> None:
+    """Accumulate per-layer X·Xᵀ sums (prompt and decode apart) over one source; or a subcommand."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if calib is None or out is None:
+        raise RacError("rac hessians needs --calib and --out (or a subcommand: info, merge)")
+    if world_size < 1:
+        raise RacError(f"--world-size={world_size} must be >= 1")
     from stages import hessians as stage
 
-    stage.run(_params(params_path), calib, out)
+    stage.run(_params(params_path), calib, out, world_size)
+
+
+@hessians.command("info")
+@PARAMS_OPTION
+@click.argument("store", type=click.Path(path_type=Path))
+def hessians_info(params_path: Path, store: Path) -> None:
+    """Per layer and group: token counts, trace and condition number after damping, disk size."""
+    from stages import inspect_store
+
+    inspect_store.info(_params(params_path), store)
+
+
+@hessians.command("merge")
+@PARAMS_OPTION
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Merged store to write.")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+def hessians_merge(params_path: Path, out: Path, stores: tuple[Path, ...]) -> None:
+    """Add partial stores (shards of one source, same model) into one store."""
+    from stages import inspect_store
+
+    inspect_store.merge(_params(params_path), list(stores), out)
 
 
 @main.command()

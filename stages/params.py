@@ -144,11 +144,13 @@ class CalibrateParams:
 class HessiansParams:
     """Forward passes that accumulate X·Xᵀ."""
 
-    batch_size: int
+    batch_tokens: int
+    max_memory_gb: float
     chunk: int
 
     def check(self) -> None:
-        _positive("hessians.batch_size", self.batch_size)
+        _positive("hessians.batch_tokens", self.batch_tokens)
+        _positive("hessians.max_memory_gb", self.max_memory_gb)
         _positive("hessians.chunk", self.chunk)
 
 

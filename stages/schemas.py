@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,14 @@ def read_parquet(path: Path, schema: pa.Schema, what: str) -> tuple[pa.Table, di
     return table.select(schema.names), json.loads(raw) if raw else {}
 
 
+@contextlib.contextmanager
+def numcodecs_quiet() -> Iterator[None]:
+    """Silence zarr's note that numcodecs' Zstd is outside the v3 core spec: the store uses it on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+        yield
+
+
 @dataclass(frozen=True)
 class GroupInfo:
     """One Hessian group: the linears of one decoder layer that read the same input."""
@@ -136,35 +145,45 @@ class HessianWriter:
     ``n_tokens_decode``, ``members``.
     """
 
-    def __init__(self, path: Path, *, model_id: str, fingerprint: str, source: str, chunk: int) -> None:
+    def __init__(
+        self, path: Path, *, model_id: str, fingerprint: str, source: str, chunk: int, build: Path | None = None
+    ) -> None:
+        """Build beside ``path``, or in ``build`` (kept across runs, and reopened if it holds a partial build)."""
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp = Path(build) if build else self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
         self.chunk = chunk
-        self.root = zarr.open_group(store=str(self.tmp), mode="w", zarr_format=3)
-        self.root.attrs.update(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "model_id": model_id,
-                "model_fingerprint": fingerprint,
-                "source": source,
-                "dtype": "float32",
-                "complete": False,
-            }
-        )
+        attrs = {
+            "schema_version": SCHEMA_VERSION,
+            "model_id": model_id,
+            "model_fingerprint": fingerprint,
+            "source": source,
+            "dtype": "float32",
+            "complete": False,
+        }
+        if (self.tmp / "zarr.json").is_file():
+            self.root = zarr.open_group(store=str(self.tmp), mode="r+", zarr_format=3)
+            if dict(self.root.attrs) != attrs:
+                raise RacError(f"partial Hessian build {str(self.tmp)!r} is for other inputs; delete it and rerun")
+        else:
+            self.root = zarr.open_group(store=str(self.tmp), mode="w", zarr_format=3)
+            self.root.attrs.update(attrs)
 
     def write_group(
         self, layer: int, name: str, members: list[str], xtx: dict[str, np.ndarray], n_tokens: dict[str, int]
     ) -> None:
         """Write the per-segment sums ``xtx[segment]`` [d, d] and token counts of one group."""
-        group = self.root.create_group(f"layers/{layer}/{name}")
+        group = self.root.require_group(f"layers/{layer}/{name}")
         for segment in SEGMENT_IDS:
             d = xtx[segment].shape[0]
+            with numcodecs_quiet():
+                compressor = Zstd(level=3)
             array = group.create_array(
                 f"xtx_{segment}",
                 shape=(d, d),
                 chunks=(min(d, self.chunk), min(d, self.chunk)),
                 dtype="float32",
-                compressors=[Zstd(level=3)],
+                compressors=[compressor],
+                overwrite=True,  # a window cut short by a kill is written again in full
             )
             array[...] = xtx[segment].astype(np.float32)
         group.attrs.update({f"n_tokens_{s}": int(n_tokens[s]) for s in SEGMENT_IDS} | {"members": members})
@@ -173,7 +192,8 @@ class HessianWriter:
         """Move the whole store into place, then write ``complete: true`` last."""
         if self.path.exists():
             shutil.rmtree(self.path)
-        os.replace(self.tmp, self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(self.tmp, self.path)  # a rename on one filesystem; `complete` is only written after it
         zarr.open_group(store=str(self.path), mode="r+", zarr_format=3).attrs["complete"] = True
 
     def abort(self) -> None:
@@ -184,7 +204,8 @@ class HessianWriter:
 class HessianStore:
     """A complete Hessian store, checked against the model that will be pruned."""
 
-    def __init__(self, path: Path, fingerprint: str) -> None:
+    def __init__(self, path: Path, fingerprint: str | None) -> None:
+        """Open a complete store; check it was built for the model ``fingerprint`` (None: any model)."""
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise RacError(f"Hessian store {str(self.path)!r} does not exist; run `dvc repro hessians` first")
@@ -197,7 +218,7 @@ class HessianStore:
             )
         if attrs.get("complete") is not True:
             raise RacError(f"Hessian store {str(self.path)!r} is incomplete; delete it and rerun the hessians stage")
-        if attrs.get("model_fingerprint") != fingerprint:
+        if fingerprint is not None and attrs.get("model_fingerprint") != fingerprint:
             raise RacError(
                 f"Hessian store {str(self.path)!r} was built for model {attrs.get('model_id')!r} "
                 f"(fingerprint {attrs.get('model_fingerprint')}), not this one ({fingerprint}); rebuild it"
@@ -216,5 +237,6 @@ class HessianStore:
 
     def sums(self, group: GroupInfo) -> dict[str, np.ndarray]:
         """The raw per-segment sums of x·xᵀ [d, d] of ``group``."""
-        node = self.root[group.key]
-        return {s: np.asarray(node[f"xtx_{s}"][...]) for s in SEGMENT_IDS}
+        with numcodecs_quiet():
+            node = self.root[group.key]
+            return {s: np.asarray(node[f"xtx_{s}"][...]) for s in SEGMENT_IDS}

@@ -113,7 +113,9 @@ def test_prune_unknown_pruner(in_tmp: Path, tiny_model_dir: Path, params_file: C
     ]
     write_parquet(rows, CALIBRATION, calib, {"source": "rac"})
     # A valid store, so that only the pruner is wrong.
-    hessians.run(load_params(params_file(tiny_model_dir, {"hessians": {"batch_size": 2, "chunk": 32}})), calib, store)
+    hessians.run(
+        load_params(params_file(tiny_model_dir, {"hessians": {"batch_tokens": 128, "chunk": 32}})), calib, store, 1
+    )
     params = params_file(tiny_model_dir, {"pruner": "foo"})
     out = Path("data/prune/rac")
     result = CliRunner().invoke(main, ["prune", "--params", str(params), "--hessians", str(store), "--out", str(out)])
@@ -128,7 +130,7 @@ def test_prune_store_of_another_model(
     calib, store = Path("data/calibrate/rac.parquet"), Path("data/hessians/rac.zarr")
     rows = [{"seq_id": 0, "token_ids": [1, 5, 14, 6], "segment": [0, 0, 1, 1], "source": "rac"}]
     write_parquet(rows, CALIBRATION, calib, {"source": "rac"})
-    hessians.run(load_params(params_file(tiny_llama_dir)), calib, store)
+    hessians.run(load_params(params_file(tiny_llama_dir)), calib, store, 1)
     params = params_file(tiny_model_dir)
     out = Path("data/prune/rac")
     result = CliRunner().invoke(main, ["prune", "--params", str(params), "--hessians", str(store), "--out", str(out)])

@@ -49,7 +49,7 @@ def model(tiny_model_dir: Path) -> PreTrainedModel:
 def test_batches_pad_right_longest_first() -> None:
     ids = [[1, 2], [3, 4, 5, 6], [7]]
     segs = [[0, 1], [0, 0, 1, 1], [0]]
-    (b_ids, b_seg), (c_ids, c_seg) = batches(ids, segs, 2, pad=9)
+    (b_ids, b_seg), (c_ids, c_seg) = batches(ids, segs, 8, pad=9)  # 8 padded positions: 2 rows of width 4
     assert b_ids.tolist() == [[3, 4, 5, 6], [1, 2, 9, 9]]
     assert b_seg.tolist() == [[0, 0, 1, 1], [0, 1, -1, -1]]
     assert c_ids.tolist() == [[7]] and c_seg.tolist() == [[0]]
@@ -57,8 +57,8 @@ def test_batches_pad_right_longest_first() -> None:
 
 def test_padding_is_excluded(model: PreTrainedModel) -> None:
     ids, segs = _sequences()
-    padded = collect(model, ids, segs, batch_size=4, pad=PAD)
-    unpadded = collect(model, ids, segs, batch_size=1, pad=PAD)
+    padded = collect(model, ids, segs, batch_tokens=256, pad=PAD)
+    unpadded = collect(model, ids, segs, batch_tokens=1, pad=PAD)
     assert padded.keys() == unpadded.keys()
     n_prompt = sum(s.count(0) for s in segs)
     n_decode = sum(s.count(1) for s in segs)
@@ -77,8 +77,8 @@ def test_tolerance_detects_one_extra_token(model: PreTrainedModel) -> None:
     there a leaked pad would change only the counts, which the test above checks exactly.
     """
     ids, segs = _sequences()
-    clean = collect(model, ids[:1], segs[:1], batch_size=1, pad=PAD)
-    extra = collect(model, [[*ids[0], 7]], [[*segs[0], 1]], batch_size=1, pad=PAD)
+    clean = collect(model, ids[:1], segs[:1], batch_tokens=1, pad=PAD)
+    extra = collect(model, [[*ids[0], 7]], [[*segs[0], 1]], batch_tokens=1, pad=PAD)
     for key, (_, acc) in clean.items():
         diff = float((extra[key][1].xtx["decode"] - acc.xtx["decode"]).abs().max())
         assert diff > 100 * REL_TOL * float(acc.xtx["decode"].abs().max()), key
@@ -119,7 +119,7 @@ def _reference_sums(model: PreTrainedModel, ids: list[list[int]], segs: list[lis
 def test_sums_equal_direct_xtx(model: PreTrainedModel) -> None:
     ids, segs = _sequences(1)
     reference = _reference_sums(model, ids, segs)
-    got = collect(model, ids, segs, batch_size=3, pad=PAD)
+    got = collect(model, ids, segs, batch_tokens=192, pad=PAD)
     assert got.keys() == reference.keys()
     for key, (_, acc) in got.items():
         for s in ("prompt", "decode"):
@@ -138,7 +138,7 @@ def test_first_layer_sum_from_embeddings_by_hand(model: PreTrainedModel) -> None
             for name, seg_id in (("prompt", 0), ("decode", 1)):
                 Xs = X[torch.tensor(seg) == seg_id]
                 want[name] += Xs.T @ Xs
-    got = collect(model, ids, segs, batch_size=4, pad=PAD)[(0, "self_attn.q_proj")][1]
+    got = collect(model, ids, segs, batch_tokens=256, pad=PAD)[(0, "self_attn.q_proj")][1]
     for s in ("prompt", "decode"):
         _assert_close(got.xtx[s], want[s])
 
@@ -146,11 +146,11 @@ def test_first_layer_sum_from_embeddings_by_hand(model: PreTrainedModel) -> None
 def test_prompt_decode_counts(model: PreTrainedModel) -> None:
     ids = [[1, 5, 6, 7, 8, 9], [1, 10, 11], [1, 12, 13, 14]]
     segs = [[0, 0, 1, 1, 1, 1], [0, 0, 0], [1, 1, 1, 1]]
-    got = collect(model, ids, segs, batch_size=2, pad=PAD)
+    got = collect(model, ids, segs, batch_tokens=128, pad=PAD)
     assert len(got) == 8  # 2 layers x 4 input groups
     for _, acc in got.values():
         assert acc.n == {"prompt": 5, "decode": 8}
-    decode_only = collect(model, [[1, 5, 6]], [[1, 1, 1]], batch_size=1, pad=PAD)
+    decode_only = collect(model, [[1, 5, 6]], [[1, 1, 1]], batch_tokens=1, pad=PAD)
     for _, acc in decode_only.values():
         assert acc.n == {"prompt": 0, "decode": 3}
         assert not acc.xtx["prompt"].any()
@@ -167,15 +167,15 @@ def test_run_writes_a_store_for_the_model(
         for i, (t, s) in enumerate(zip(ids, segs, strict=True))
     ]
     write_parquet(rows, CALIBRATION, calib, {"source": "rac"})
-    p = load_params(params_file(tiny_model_dir, {"hessians": {"batch_size": 4, "chunk": 16}}))
+    p = load_params(params_file(tiny_model_dir, {"hessians": {"batch_tokens": 256, "chunk": 16}}))
     out = tmp_path / "hessians" / "rac.zarr"
-    run(p, calib, out)
+    run(p, calib, out, 1)
     assert sorted(x.name for x in out.parent.iterdir()) == ["rac.zarr"]  # no temp build left beside it
     store = HessianStore(out, fingerprint(str(tiny_model_dir)))
     assert store.attrs["source"] == "rac"
     assert store.attrs["model_id"] == str(tiny_model_dir)
     assert store.attrs["complete"] is True
-    want = collect(model, ids, segs, batch_size=1, pad=PAD)
+    want = collect(model, ids, segs, batch_tokens=1, pad=PAD)
     groups = store.groups()
     assert [(g.layer, g.name) for g in groups] == sorted(want)
     n = {"prompt": sum(s.count(0) for s in segs), "decode": sum(s.count(1) for s in segs)}

@@ -82,3 +82,18 @@ def test_repro_then_sparsity_experiment_reuses_hessians(tmp_path: Path) -> None:
 
     shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo))
     assert "data/evaluate/rac/metrics.json" in json.dumps(shown)
+
+    # A teammate's view through a local-directory remote: push, lose cache and outs, pull, prune again.
+    dvc = [sys.executable, "-m", "dvc"]
+    _run([*dvc, "remote", "add", "-d", "team", str(tmp_path / "remote")], repo)
+    _run([*dvc, "push"], repo)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    for out in ("rollout", "calibrate", "hessians"):
+        shutil.rmtree(repo / "data" / out)
+    _run([*dvc, "pull", "rollout", "calibrate", "hessians"], repo)
+    assert "changed" not in _run([*dvc, "status", "rollout", "calibrate", "hessians"], repo)
+    for s in stores:
+        assert _tree_digest(repo / "data" / "hessians" / f"{s}.zarr") == stores[s]
+    again = _run([*dvc, "exp", "run", "-S", "sparsity=0.4"], repo)
+    assert not [line for line in again.splitlines() if line.startswith("Running stage") and "'hessians@" in line]
+    assert "Running stage 'prune@rac'" in again
