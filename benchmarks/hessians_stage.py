@@ -9,8 +9,8 @@
     python benchmarks/hessians_stage.py
 """
 
+import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,7 +28,7 @@ from stages.models import decoder_layers, load_model
 from stages.schemas import CALIBRATION, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
-HIDDEN, INTERMEDIATE, LAYERS = 512, 1408, 8
+HIDDEN, INTERMEDIATE, LAYERS = 512, 2816, 8
 N_SEQ, SEQ_LEN, BATCH_TOKENS = 64, 256, 4096
 
 
@@ -93,10 +93,11 @@ def peak_rss(model_dir: Path, calib: Path, work: Path) -> Path:
         params["hessians"].update(max_memory_gb=budget, batch_tokens=BATCH_TOKENS)
         p = work / "params.yaml"
         p.write_text(yaml.safe_dump(params))
+        # VmHWM is this process's own peak; ru_maxrss would carry the parent's across fork and exec.
         code = (
-            "import resource, sys\nfrom stages.cli import main\n"
+            "import sys\nfrom stages.cli import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+            "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0])"
         )
         out = work / f"h{budget:.3f}.zarr"
         proc = subprocess.run(
@@ -107,7 +108,8 @@ def peak_rss(model_dir: Path, calib: Path, work: Path) -> Path:
             check=True,
         )
         rss_mb = int(proc.stdout.strip().splitlines()[-1]) / 1024
-        print(f"   max_memory_gb {budget:6.3f}: peak RSS {rss_mb:7.0f} MB")
+        windows = math.ceil(sums_gb() / budget) if budget < sums_gb() else 1
+        print(f"   max_memory_gb {budget:6.3f} (~{windows} windows): peak RSS {rss_mb:7.0f} MB")
     return out
 
 
@@ -159,7 +161,6 @@ def main() -> None:
         overhead(model_dir, ids, segs)
         store = peak_rss(model_dir, calib, work)
         dvc_transfer(store, work)
-    print(f"\n(this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -212,6 +212,7 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> None
             done.append(w)
             with atomic_path(progress) as tmp:  # recorded only once the window's arrays are on disk
                 tmp.write_text(json.dumps(done))
+        del accumulators  # before the next window allocates: one window's sums alive at a time
         if world_size > 1:
             dist.barrier()
     if writer is not None:
