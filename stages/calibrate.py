@@ -2,7 +2,8 @@
 Writes: one calibration Parquet per source (``schemas.CALIBRATION``), all with the same token budget.
 
 Sources: ``generic`` (generic text, the stand-in for C4), ``prompt`` (prompts only, so it takes
-more prompts than RAC to fill the budget), ``rac`` (prompt plus the on-policy chain of thought).
+more prompts than RAC to fill the budget), ``rac`` (prompt plus the on-policy chain of thought),
+``offpolicy`` (prompt plus another model's chain of thought, from ``calibrate.offpolicy_traces``).
 """
 
 import logging
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stages.errors import RacError
-from stages.models import encode_prompt, load_tokenizer
+from stages.models import encode_prompt, load_tokenizer, vocab_hash
 from stages.params import SOURCES, Params
 from stages.schemas import CALIBRATION, TRACES, read_parquet, write_parquet
 from stages.tasks import get_task
@@ -42,8 +43,13 @@ def _prompt(p: Params) -> Iterator[Sequence]:
         batch += 1
 
 
-def _rac(traces: Path) -> Iterator[Sequence]:
-    table, _ = read_parquet(traces, TRACES, "traces")
+def _rac(traces: Path, tokenizer_hash: str) -> Iterator[Sequence]:
+    table, meta = read_parquet(traces, TRACES, "traces")
+    if meta.get("tokenizer") != tokenizer_hash:
+        raise RacError(
+            f"traces {str(traces)!r} were sampled by {meta.get('model')!r} with another vocabulary; "
+            "off-policy traces must come from a model with the same tokenizer"
+        )
     for prompt_ids, completion_ids in zip(
         table["prompt_token_ids"].to_pylist(), table["completion_token_ids"].to_pylist(), strict=True
     ):
@@ -69,7 +75,13 @@ def run(p: Params, source: str, traces: Path, out: Path) -> None:
     """Write the calibration sequences of ``source`` to ``out``."""
     if source not in SOURCES:
         raise RacError(f"source {source!r} is unknown; choose one of {list(SOURCES)}")
-    streams = {"generic": lambda: _generic(p), "prompt": lambda: _prompt(p), "rac": lambda: _rac(traces)}
+    vocab = vocab_hash(load_tokenizer(p.model))
+    streams = {
+        "generic": lambda: _generic(p),
+        "prompt": lambda: _prompt(p),
+        "rac": lambda: _rac(traces, vocab),
+        "offpolicy": lambda: _rac(Path(str(p.calibrate.offpolicy_traces)), vocab),
+    }
     sequences = take_budget(streams[source](), p.calibrate.budget_tokens, source)
     n_decode = sum(sum(seg) for _, seg in sequences)
     log.info(

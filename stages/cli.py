@@ -62,11 +62,13 @@ def toy_train(params_path: Path, out: Path) -> None:
 @main.command()
 @PARAMS_OPTION
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Traces Parquet to write.")
-def rollout(params_path: Path, out: Path) -> None:
-    """Sample on-policy chains of thought from the dense model."""
+@click.option("--model", help="Sample from this model instead of `model` (off-policy traces).")
+def rollout(params_path: Path, out: Path, model: str | None) -> None:
+    """Sample chains of thought from the dense model (or --model) on calibration prompts."""
     from stages import rollout as stage
 
-    stage.run(_params(params_path), out)
+    p = _params(params_path)
+    stage.run(p, out, model or p.model)
 
 
 @main.command()

@@ -78,6 +78,11 @@ def fingerprint(model: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def vocab_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the vocabulary: token ids mean the same thing under two tokenizers with equal hashes."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of a prompt as the model sees it: BOS, then the text."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

@@ -4,9 +4,10 @@ Each stage reads the top-level keys it needs and its own section. Every field is
 here, so a default can never be written twice.
 """
 
+import types
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar, get_origin, get_type_hints
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from ruamel.yaml import YAML
 
@@ -15,7 +16,7 @@ from stages.selection import SCOPES, check_layers
 from stages.solvers import KERNELS, get_solver, parse_pattern
 from stages.tasks import get_task
 
-SOURCES = ("generic", "prompt", "rac")
+SOURCES = ("generic", "prompt", "rac", "offpolicy")
 BACKENDS = ("vllm", "hf")
 SEGMENTS = ("prompt", "decode")
 
@@ -34,7 +35,12 @@ def _section(cls: type[T], raw: dict[str, Any], name: str) -> T:
         raise RacError(f"params {name!r} has unknown keys {sorted(unknown)}; remove them or fix the spelling")
     hints = get_type_hints(cls)
     for key, value in raw.items():
-        expected = get_origin(hints[key]) or hints[key]
+        hint = hints[key]
+        if isinstance(hint, types.UnionType):  # X | None: None passes, anything else must be an X
+            if value is None:
+                continue
+            hint = next(t for t in get_args(hint) if t is not type(None))
+        expected = get_origin(hint) or hint
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             continue
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
@@ -133,6 +139,7 @@ class CalibrateParams:
     budget_tokens: int
     seed: int
     generic_seq_len: int
+    offpolicy_traces: str | None
 
     def check(self) -> None:
         _positive("calibrate.budget_tokens", self.budget_tokens)
@@ -199,6 +206,11 @@ class Params:
     def check(self) -> None:
         for source in self.sources:
             _choice("sources[]", source, SOURCES)
+        if "offpolicy" in self.sources and not self.calibrate.offpolicy_traces:
+            raise RacError(
+                "sources has 'offpolicy' but calibrate.offpolicy_traces is not set; point it at another model's "
+                "traces (`rac rollout --model OTHER --out FILE`)"
+            )
         get_task(self.task)
         get_solver(self.pruner)
         for value in (self.sparsity, *self.prune.overrides.values()):

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from stages.generation import generate
-from stages.models import check_model_ref, encode_prompt, fingerprint, load_tokenizer
+from stages.models import check_model_ref, encode_prompt, fingerprint, load_tokenizer, vocab_hash
 from stages.params import Params
 from stages.schemas import TRACES, write_parquet
 from stages.tasks import get_task
@@ -15,14 +15,17 @@ from stages.tasks import get_task
 log = logging.getLogger(__name__)
 
 
-def run(p: Params, out: Path) -> None:
-    """Sample ``rollout.samples_per_prompt`` CoTs per prompt and write them with exact token ids."""
+def run(p: Params, out: Path, model: str) -> None:
+    """Sample ``rollout.samples_per_prompt`` CoTs per prompt from ``model`` and write them with exact token ids.
+
+    ``model`` is ``p.model`` for on-policy traces, or another model for the ``offpolicy`` source.
+    """
     task, s = get_task(p.task), p.rollout
-    check_model_ref(p.model)
-    tokenizer = load_tokenizer(p.model)
+    check_model_ref(model)
+    tokenizer = load_tokenizer(model)
     problems = task.problems(s.n_prompts, s.seed)
     prompts = [encode_prompt(tokenizer, pr.prompt) for pr in problems]
-    generations = generate(p.model, prompts, s, s.samples_per_prompt)
+    generations = generate(model, prompts, s, s.samples_per_prompt)
     rows = []
     for prompt_id, (problem, prompt_ids, samples) in enumerate(zip(problems, prompts, generations, strict=True)):
         for sample_idx, g in enumerate(samples):
@@ -50,8 +53,9 @@ def run(p: Params, out: Path) -> None:
         TRACES,
         out,
         {
-            "model": p.model,
-            "model_fingerprint": fingerprint(p.model),
+            "model": model,
+            "model_fingerprint": fingerprint(model),
+            "tokenizer": vocab_hash(tokenizer),
             "task": p.task,
             "sampling": {k: getattr(s, k) for k in ("temperature", "top_p", "max_new_tokens")},
             "backend": s.backend,

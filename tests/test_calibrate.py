@@ -8,7 +8,7 @@ import pytest
 
 from stages import calibrate, toy
 from stages.errors import RacError
-from stages.models import encode_prompt
+from stages.models import encode_prompt, load_tokenizer, vocab_hash
 from stages.params import Params, load_params
 from stages.schemas import CALIBRATION, TRACES, read_parquet, write_parquet
 from stages.tasks import get_task
@@ -63,7 +63,8 @@ def _traces(n: int, seed: int = 5) -> list[dict]:
 def setup(tiny_model_dir: Path, params_file: Callable[..., Path], tmp_path: Path) -> tuple[Params, Path, list[dict]]:
     rows = _traces(40)
     traces = tmp_path / "rollout" / "traces.parquet"
-    write_parquet(rows, TRACES, traces, {"model": str(tiny_model_dir)})
+    vocab = vocab_hash(load_tokenizer(str(tiny_model_dir)))
+    write_parquet(rows, TRACES, traces, {"model": str(tiny_model_dir), "tokenizer": vocab})
     p = load_params(params_file(tiny_model_dir, {"calibrate": {"budget_tokens": BUDGET, "generic_seq_len": 64}}))
     return p, traces, rows
 
@@ -155,8 +156,8 @@ def test_rac_budget_too_large(setup: tuple, tmp_path: Path) -> None:
 
 def test_unknown_source(setup: tuple, tmp_path: Path) -> None:
     p, traces, _ = setup
-    with pytest.raises(RacError, match="'offpolicy'"):
-        calibrate.run(p, "offpolicy", traces, tmp_path / "x.parquet")
+    with pytest.raises(RacError, match="'offline'"):
+        calibrate.run(p, "offline", traces, tmp_path / "x.parquet")
     assert not (tmp_path / "x.parquet").exists()
 
 
@@ -164,3 +165,50 @@ def test_generic_seq_len_one_is_rac_error(params_file: Callable[..., Path], tmp_
     # A generic sequence of length 1 would hold only BOS: refused when params are read.
     with pytest.raises(RacError, match="generic_seq_len=1"):
         load_params(params_file(tmp_path, {"calibrate": {"generic_seq_len": 1}}))
+
+
+def test_offpolicy_uses_the_other_models_traces(
+    tiny_model_dir: Path, tiny_llama_dir: Path, params_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    # Traces of another model with the same tokenizer (the Llama fixture shares the character vocab).
+    other = tmp_path / "other.parquet"
+    vocab = vocab_hash(load_tokenizer(str(tiny_llama_dir)))
+    rows = [
+        {
+            "prompt_id": i,
+            "sample_idx": 0,
+            "prompt_token_ids": [1, 5, 14, 6, 15, 18],
+            "completion_token_ids": [9, 9, 9, 2],
+            "prompt": "1+2=\n",
+            "completion": "xxx",
+            "n_prompt_tokens": 6,
+            "n_completion_tokens": 4,
+            "finish_reason": "stop",
+            "answer": "3",
+            "correct": False,
+        }
+        for i in range(10)
+    ]
+    write_parquet(rows, TRACES, other, {"model": str(tiny_llama_dir), "tokenizer": vocab})
+    p = load_params(
+        params_file(
+            tiny_model_dir,
+            {"sources": ["rac", "offpolicy"], "calibrate": {"budget_tokens": 50, "offpolicy_traces": str(other)}},
+        )
+    )
+    out = tmp_path / "offpolicy.parquet"
+    calibrate.run(p, "offpolicy", tmp_path / "unused.parquet", out)
+    table, meta = read_parquet(out, CALIBRATION, "calibration")
+    assert meta["source"] == "offpolicy" and sum(map(len, table["token_ids"].to_pylist())) == 50
+    assert table["token_ids"].to_pylist()[0] == [1, 5, 14, 6, 15, 18, 9, 9, 9, 2]
+    assert table["segment"].to_pylist()[0] == [0] * 6 + [1] * 4
+
+    write_parquet(rows, TRACES, other, {"model": "bpe-model", "tokenizer": "0123456789abcdef"})
+    with pytest.raises(RacError, match="another vocabulary"):
+        calibrate.run(p, "offpolicy", tmp_path / "unused.parquet", tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_offpolicy_needs_traces(tiny_model_dir: Path, params_file: Callable[..., Path]) -> None:
+    with pytest.raises(RacError, match=r"calibrate\.offpolicy_traces is not set"):
+        load_params(params_file(tiny_model_dir, {"sources": ["rac", "offpolicy"]}))

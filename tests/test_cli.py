@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 
-from stages import hessians
+from stages import hessians, toy
 from stages.cli import main
+from stages.models import vocab_hash
 from stages.params import load_params
 from stages.schemas import CALIBRATION, TRACES, write_parquet
 
@@ -87,7 +88,7 @@ def _traces(path: Path, n: int) -> int:
         }
         for i in range(n)
     ]
-    write_parquet(rows, TRACES, path, {"model": "tiny"})
+    write_parquet(rows, TRACES, path, {"model": "tiny", "tokenizer": vocab_hash(toy.build_tokenizer())})
     return 15 * n
 
 
