@@ -26,18 +26,23 @@ from stages.errors import RacError
 SCHEMA_VERSION = 1
 _META_KEY = b"rac"
 
+# What every generated sample records, in traces and in evaluation samples alike.
+_GENERATION = [
+    ("prompt", pa.string()),
+    ("completion", pa.string()),
+    ("n_prompt_tokens", pa.int32()),
+    ("n_completion_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+    ("answer", pa.string()),
+]
+
 TRACES = pa.schema(
     [
         ("prompt_id", pa.int64()),
         ("sample_idx", pa.int32()),
         ("prompt_token_ids", pa.list_(pa.int32())),
         ("completion_token_ids", pa.list_(pa.int32())),
-        ("prompt", pa.string()),
-        ("completion", pa.string()),
-        ("n_prompt_tokens", pa.int32()),
-        ("n_completion_tokens", pa.int32()),
-        ("finish_reason", pa.string()),
-        ("answer", pa.string()),
+        *_GENERATION,
         ("correct", pa.bool_()),
     ]
 )
@@ -55,12 +60,7 @@ SAMPLES = pa.schema(
     [
         ("problem_id", pa.int64()),
         ("sample_idx", pa.int32()),
-        ("prompt", pa.string()),
-        ("completion", pa.string()),
-        ("n_prompt_tokens", pa.int32()),
-        ("n_completion_tokens", pa.int32()),
-        ("finish_reason", pa.string()),
-        ("answer", pa.string()),
+        *_GENERATION,
         ("extracted", pa.string()),
         ("correct", pa.bool_()),
     ]
