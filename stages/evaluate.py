@@ -62,7 +62,7 @@ def run(p: Params, model: str, out: Path) -> None:
                 "finish_reason": g.finish_reason,
                 "answer": problem.answer,
                 "extracted": extracted,
-                "correct": extracted == problem.answer,
+                "correct": task.is_correct(completion, problem.answer),
             }
         )
     result = metrics(

@@ -1,0 +1,149 @@
+"""Fixed math benchmarks (MATH-500, AIME-25) read from a local Parquet or JSONL file, graded by math-verify.
+
+Expected fields, one row per problem:
+
+- MATH-500 (``HuggingFaceH4/MATH-500``, split ``test``): ``problem`` and ``answer`` (LaTeX such as
+  ``\\frac{1}{2}`` or ``(3, \\frac{\\pi}{2})``); optionally ``solution`` (kept as the reference chain of
+  thought), ``subject``, ``level``, ``unique_id``.
+- AIME-25 (e.g. ``math-ai/aime25``, split ``test``): ``problem`` and ``answer`` (an integer, read as text);
+  optionally ``id``.
+
+Other fields are ignored. The prompt is the problem followed by DeepSeek-R1's instruction; the chat
+template is applied by the caller. A completion's answer is the content of its last ``\\boxed{…}`` or
+``\\fbox{…}``, compared with the gold answer by math-verify.
+
+``path`` may also be a hub id (``owner/name``), loaded with the optional ``datasets`` library.
+"""
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from math_verify import parse, verify
+
+from stages.errors import RacError
+from stages.tasks.base import Problem
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+REQUIRED_FIELDS = ("problem", "answer")
+EXPECTED_FIELDS = "problem, answer (MATH-500 may add solution, subject, level, unique_id; AIME-25 may add id)"
+SUFFIXES = (".jsonl", ".parquet")
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_HUB_ID_RE = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file, skipping blank lines."""
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise RacError(f"line {lineno} of benchmark file {str(path)!r} is not JSON ({e.msg}); fix the file") from e
+    return rows
+
+
+def _read_hub(hub_id: str) -> list[dict[str, Any]]:
+    """The ``test`` split of ``hub_id`` through the optional ``datasets`` library."""
+    fix = "download the benchmark as Parquet or JSONL and pass its local path"
+    try:
+        import datasets
+    except ImportError as e:
+        raise RacError(f"benchmark path {hub_id!r} is not a local file and `datasets` is not installed; {fix}") from e
+    try:
+        return list(datasets.load_dataset(hub_id, split="test"))
+    except OSError as e:  # connection, offline-mode and not-found errors of datasets and huggingface_hub
+        raise RacError(f"benchmark path {hub_id!r} is not a local file and the hub failed ({e}); {fix}") from e
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of the benchmark at ``path``: a local ``.jsonl`` or ``.parquet`` file, or a hub id."""
+    local = Path(path)
+    if not local.exists():
+        if local.suffix in SUFFIXES or not _HUB_ID_RE.fullmatch(path):
+            raise RacError(f"benchmark path {path!r} does not exist; pass a local .jsonl or .parquet file")
+        return _read_hub(path)
+    if local.suffix == ".jsonl":
+        return _read_jsonl(local)
+    if local.suffix == ".parquet":
+        return pq.read_table(local).to_pylist()
+    raise RacError(
+        f"benchmark path {path!r} has unsupported extension {local.suffix!r}; convert it to .jsonl or .parquet"
+    )
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{…}`` or ``\\fbox{…}`` with balanced braces, or None if absent or unclosed."""
+    openers = list(_BOX_RE.finditer(text))
+    if not openers:
+        return None
+    start = openers[-1].end()
+    depth, i = 1, start
+    while i < len(text):
+        char = text[i]
+        if char == "\\":  # skip the escaped character, so \{ and \} are not braces
+            i += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i]
+        i += 1
+    return None
+
+
+class MathBenchmark:
+    """A fixed benchmark read in file order, graded by math-verify on the last boxed answer."""
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name, self.path = name, path
+        rows = read_rows(path)
+        for index, row in enumerate(rows):
+            missing = [f for f in REQUIRED_FIELDS if f not in row]
+            if missing:
+                raise RacError(
+                    f"benchmark file {path!r} row {index} lacks fields {missing}; expected fields: {EXPECTED_FIELDS}"
+                )
+        self._problems = [
+            Problem(
+                prompt=f"{str(row['problem']).strip()}\n{INSTRUCTION}",
+                solution=str(row.get("solution") or ""),
+                answer=str(row["answer"]).strip(),
+            )
+            for row in rows
+        ]
+
+    def problems(self, n: int, seed: int) -> list[Problem]:
+        """The first ``n`` problems in file order; ``seed`` is unused, as the benchmark is fixed."""
+        if n > len(self._problems):
+            raise RacError(
+                f"n_problems={n} exceeds the {len(self._problems)} problems in {self.path!r}; lower "
+                f"evaluate.n_problems (or rollout.n_prompts) to at most {len(self._problems)}"
+            )
+        return self._problems[:n]
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The content of the last ``\\boxed{…}`` in ``completion``, or None."""
+        return last_boxed(completion)
+
+    def is_correct(self, completion: str, answer: str) -> bool:
+        """Whether the last boxed answer equals the gold ``answer`` according to math-verify."""
+        pred = self.extract_answer(completion)
+        if pred is None:
+            return False
+        # Both sides go in as $…$: bare LaTeX is misread (3\sqrt{13} parses as 3). math-verify returns False on
+        # its own errors and timeouts; its signal.alarm timeout makes it raise ValueError off the main thread.
+        return verify(parse(f"${answer}$"), parse(f"${pred}$"))
+
+    def generic_text(self, n_chars: int, seed: int) -> str:
+        """Refused: a fixed math benchmark ships no generic corpus."""
+        raise RacError(
+            f"task={self.name!r} has no generic corpus offline, which the generic (C4) source needs; drop 'generic' "
+            "from sources, or use task=arithmetic, whose embedded task provides one"
+        )

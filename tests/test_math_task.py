@@ -1,0 +1,167 @@
+"""Fixed math benchmarks: loading MATH-500/AIME-25 files, their errors, boxed-answer extraction, math-verify grading."""
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from stages.errors import RacError
+from stages.tasks.math_benchmarks import INSTRUCTION, MathBenchmark
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MATH500 = str(FIXTURES / "math500_tiny.jsonl")
+AIME = str(FIXTURES / "aime_tiny.parquet")
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_load_math500_jsonl() -> None:
+    task = MathBenchmark("math500", MATH500)
+    problems = task.problems(5, 0)
+    assert task.name == "math500"
+    assert [p.answer for p in problems] == [
+        r"\left( 3, \frac{\pi}{2} \right)",
+        r"\frac{\sqrt{3}}{2}",
+        r"\frac{1}{2}",
+        r"3\sqrt{13}",
+        "[-2, 7]",
+    ]
+    assert problems[2].prompt == "What is $\\frac{1}{4} + \\frac{1}{4}$?\n" + INSTRUCTION
+    assert problems[3].solution.endswith(r"\boxed{3\sqrt{13}}$.")
+    # Each reference solution's boxed answer grades correct against its own gold answer.
+    assert all(task.is_correct(p.solution, p.answer) for p in problems)
+
+
+def test_load_aime_parquet() -> None:
+    problems = MathBenchmark("aime25", AIME).problems(3, 0)
+    assert [p.answer for p in problems] == ["70", "400", "376"]  # int64 column, read as text
+    assert problems[0].prompt.startswith("Find the sum of all integer bases $b>9$")
+    assert all(p.solution == "" for p in problems)  # AIME-25 ships no solutions
+
+
+def test_prompt_ends_with_deepseek_instruction() -> None:
+    assert INSTRUCTION == "Please reason step by step, and put your final answer within \\boxed{}."
+    for problem in MathBenchmark("math500", MATH500).problems(5, 0):
+        assert problem.prompt.endswith("\nPlease reason step by step, and put your final answer within \\boxed{}.")
+
+
+def test_problems_are_the_first_n_whatever_the_seed() -> None:
+    task = MathBenchmark("math500", MATH500)
+    everything = task.problems(5, 0)
+    assert task.problems(2, 0) == task.problems(2, 123) == everything[:2]
+    assert task.problems(0, 0) == []
+
+
+def test_too_many_problems() -> None:
+    with pytest.raises(RacError, match=r"n_problems=6 exceeds the 5 problems in .*math500_tiny\.jsonl"):
+        MathBenchmark("math500", MATH500).problems(6, 0)
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    for path in (tmp_path / "nope.jsonl", tmp_path / "nope"):
+        with pytest.raises(RacError, match=r"nope.*does not exist; pass a local \.jsonl or \.parquet file"):
+            MathBenchmark("math500", str(path))
+
+
+def test_unsupported_extension(tmp_path: Path) -> None:
+    path = tmp_path / "math500.csv"
+    path.write_text("problem,answer\n1+1,2\n")
+    with pytest.raises(RacError, match=r"math500\.csv.*unsupported extension '\.csv'; convert it to \.jsonl or \.parq"):
+        MathBenchmark("math500", str(path))
+
+
+def test_wrong_fields(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "aime.jsonl", [{"problem": "p", "answer": "1"}, {"question": "q", "answer": "2"}])
+    with pytest.raises(RacError, match=r"row 1 lacks fields \['problem'\]; expected fields: problem, answer"):
+        MathBenchmark("aime25", path)
+
+
+def test_invalid_json_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"problem": "p", "answer": "1"}\n\n{"problem": \n')
+    with pytest.raises(RacError, match=r"line 3 of benchmark file .*bad\.jsonl.* is not JSON"):
+        MathBenchmark("math500", str(path))
+
+
+def test_hub_id_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{"problem": "What is $1+1$?", "answer": "2", "unique_id": "x"}]
+    calls = []
+
+    def load_dataset(hub_id: str, split: str) -> list[dict[str, str]]:
+        calls.append((hub_id, split))
+        return rows
+
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    (problem,) = MathBenchmark("math500", "HuggingFaceH4/MATH-500").problems(1, 0)
+    assert calls == [("HuggingFaceH4/MATH-500", "test")]
+    assert problem.answer == "2"
+
+
+def test_hub_id_without_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(RacError, match=r"'HuggingFaceH4/MATH-500' is not a local file and `datasets` is not installed"):
+        MathBenchmark("math500", "HuggingFaceH4/MATH-500")
+
+
+def test_hub_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    def load_dataset(hub_id: str, split: str) -> list[dict[str, str]]:
+        raise ConnectionError("offline")
+
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(RacError, match=r"the hub failed \(offline\); download the benchmark .* pass its local path"):
+        MathBenchmark("aime25", "math-ai/aime25")
+
+
+@pytest.mark.parametrize(
+    ("completion", "extracted"),
+    [
+        (r"so the answer is $\boxed{\frac{\sqrt{3}}{2}}$.", r"\frac{\sqrt{3}}{2}"),
+        (r"\boxed{x^{2}}", "x^{2}"),
+        (r"first \boxed{3}, then \boxed{4}", "4"),  # the last box counts
+        (r"\fbox{7}", "7"),
+        (r"\boxed {5}", "5"),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces are not grouping braces
+        (r"\boxed{\left( 3, \frac{\pi}{2} \right)} done", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"\boxed{}", ""),
+        (r"\boxed{3} and then \boxed{\frac{1}{2}", None),  # truncated: the last box never closes
+        ("the answer is 4", None),
+        (r"\boxed 4", None),  # only braced boxes count
+    ],
+)
+def test_extract_answer(completion: str, extracted: str | None) -> None:
+    assert MathBenchmark("math500", MATH500).extract_answer(completion) == extracted
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "correct"),
+    [
+        (r"$\boxed{0.5}$", r"\frac{1}{2}", True),
+        (r"\boxed{\frac{1}{2}}", "0.5", True),
+        (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt{3}}{2}", True),
+        (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", True),
+        (r"\boxed{\sqrt{117}}", r"3\sqrt{13}", True),
+        (r"\boxed{(3, \frac{\pi}{2})}", r"\left( 3, \frac{\pi}{2} \right)", True),
+        (r"\boxed{(3, \frac{\pi}{3})}", r"\left( 3, \frac{\pi}{2} \right)", False),
+        (r"\boxed{[-2,7]}", "[-2, 7]", True),
+        (r"\boxed{(-2, 7)}", "[-2, 7]", False),  # an open interval is not the closed one
+        (r"\boxed{3} ... no wait, \boxed{4}", "4", True),
+        (r"\boxed{3} ... no wait, \boxed{4}", "3", False),
+        ("<think>2+2 is 4</think> The answer is \\boxed{4}. Hope this helps!", "4", True),
+        (r"\boxed{5}", "4", False),
+        ("the answer is 4", "4", False),  # no boxed answer
+        (r"\boxed{}", "4", False),
+        (r"\boxed{070}", "70", True),
+    ],
+)
+def test_is_correct(completion: str, gold: str, correct: bool) -> None:
+    assert MathBenchmark("math500", MATH500).is_correct(completion, gold) is correct
+
+
+def test_generic_text_refused() -> None:
+    with pytest.raises(RacError, match=r"task='aime25' has no generic corpus .*generic \(C4\) source.*task=arithmetic"):
+        MathBenchmark("aime25", AIME).generic_text(100, 0)
