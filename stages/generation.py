@@ -42,7 +42,6 @@ def _generate_vllm(model: str, prompts: list[list[int]], s: SamplingParams, n: i
         max_model_len=max(len(p) for p in prompts) + s.max_new_tokens,
         gpu_memory_utilization=0.85 if on_gpu else 0.05,
         enforce_eager=not on_gpu,
-        skip_tokenizer_init=False,
     )
     sampling = vllm.SamplingParams(
         n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, skip_special_tokens=True

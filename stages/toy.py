@@ -15,7 +15,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from stages.generation import generate
-from stages.models import encode_prompt
+from stages.models import encode_prompt, load_tokenizer
 from stages.params import Params, ToyParams
 from stages.tasks import Task, get_task
 from stages.tasks.arithmetic import ALPHABET
@@ -116,7 +116,7 @@ def train(task: Task, p: ToyParams, out: Path) -> dict[str, float]:
 def held_out_accuracy(p: Params, model: Path) -> float:
     """Greedy accuracy (HF backend) on ``toy.eval_problems`` problems unseen by rollout and evaluate."""
     task = get_task(p.task)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(model)
+    tokenizer = load_tokenizer(str(model))
     problems = task.problems(p.toy.eval_problems, p.toy.seed + 1)
     sampling = dataclasses.replace(p.evaluate, backend="hf", temperature=0.0)
     outs = generate(str(model), [encode_prompt(tokenizer, pr.prompt) for pr in problems], sampling, 1)

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real HF models built from configs, and params files derived from the shipped one."""
 
 import copy
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -47,15 +48,19 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded, untrained tiny Qwen2ForCausalLM and its character tokenizer, saved as an HF directory."""
-    out = tmp_path_factory.mktemp("tiny_qwen2")
+def save_tiny_qwen2(out: Path, **changes: Any) -> Path:
+    """A seeded, untrained tiny Qwen2 (TINY with ``changes``) and its character tokenizer, saved to ``out``."""
     torch.manual_seed(0)
     tokenizer = toy.build_tokenizer()
-    toy.build_model(TINY, tokenizer).save_pretrained(out)
+    toy.build_model(dataclasses.replace(TINY, **changes), tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2 of TINY, saved as an HF directory."""
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from conftest import save_tiny_qwen2
 
-from stages import toy
 from stages.cli import main
 from stages.errors import RacError
 from stages.hessians import PARTIAL_ROOT, build, collect, partial_dir, plan_windows, run
@@ -32,26 +31,7 @@ REL = 1e-6
 @pytest.fixture(scope="module")
 def deep_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-layer tiny Qwen2, so that windows and resume have several windows to work with."""
-    path = tmp_path_factory.mktemp("deep")
-    tokenizer = toy.build_tokenizer()
-    config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_qwen2(tmp_path_factory.mktemp("deep"), num_layers=4)
 
 
 def _calibration(path: Path, n: int, length: int, seed: int) -> Path:

@@ -1,11 +1,10 @@
 """Model loading, fingerprints and the grouping of linears by shared input, on tiny real HF models."""
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from conftest import save_tiny_qwen2
 
 from stages import toy
 from stages.errors import RacError
@@ -65,24 +64,7 @@ def test_fingerprint_ignores_weight_values(tiny_model_dir: Path, tmp_path: Path)
 
 
 def test_fingerprint_differs_for_other_config(tiny_model_dir: Path, tmp_path: Path) -> None:
-    tokenizer = toy.build_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=64 * math.ceil(len(tokenizer) / 64),
-        hidden_size=64,
-        intermediate_size=192,  # the only difference from tiny_model_dir (128)
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    save_tiny_qwen2(tmp_path, intermediate_size=192)  # the only difference from tiny_model_dir (128)
     assert fingerprint(str(tmp_path)) != fingerprint(str(tiny_model_dir))
 
 
