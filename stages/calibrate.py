@@ -1,4 +1,4 @@
-"""Reads: traces Parquet (for ``rac``), params ``model``, ``task``, ``calibrate``.
+"""Reads: traces Parquet (for ``rac``), params ``model``, ``calib_task``, ``benchmarks``, ``calibrate``.
 Writes: one calibration Parquet per source (``schemas.CALIBRATION``), all with the same token budget.
 
 Sources: ``generic`` (generic text, the stand-in for C4), ``prompt`` (prompts only, so it takes
@@ -6,12 +6,13 @@ more prompts than RAC to fill the budget), ``rac`` (prompt plus the on-policy ch
 ``offpolicy`` (prompt plus another model's chain of thought, from ``calibrate.offpolicy_traces``).
 """
 
+import itertools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 from stages.errors import RacError
-from stages.models import encode_prompt, load_tokenizer, vocab_hash
+from stages.models import bos_ids, encode_prompt, load_tokenizer, vocab_hash
 from stages.params import SOURCES, Params
 from stages.schemas import CALIBRATION, TRACES, read_parquet, write_parquet
 from stages.tasks import get_task
@@ -22,11 +23,11 @@ Sequence = tuple[list[int], list[int]]  # (token ids, per-token segment)
 
 
 def _generic(p: Params) -> Iterator[Sequence]:
-    tokenizer, task = load_tokenizer(p.model), get_task(p.task)
+    tokenizer, task = load_tokenizer(p.model), get_task(p.calib_task, p.benchmarks)
     c = p.calibrate
     text = task.generic_text(c.budget_tokens * 2, c.seed)  # one char per token or more: enough text
     ids = tokenizer.encode(text, add_special_tokens=False)
-    bos = encode_prompt(tokenizer, "")
+    bos = bos_ids(tokenizer)
     width = c.generic_seq_len - len(bos)
     for start in range(0, len(ids) - width + 1, width):
         seq = bos + ids[start : start + width]
@@ -34,13 +35,15 @@ def _generic(p: Params) -> Iterator[Sequence]:
 
 
 def _prompt(p: Params) -> Iterator[Sequence]:
-    tokenizer, task = load_tokenizer(p.model), get_task(p.task)
-    batch = 0
-    while True:  # the embedded task's prompt stream is endless; draw disjoint seeded batches
-        for problem in task.problems(256, p.calibrate.seed * 1_000_003 + batch):
+    tokenizer, task = load_tokenizer(p.model), get_task(p.calib_task, p.benchmarks)
+    if task.size is not None:  # a fixed benchmark: each of its problems once, in seeded order
+        batches: Iterator[int] = iter([task.size])
+    else:  # an endless generator: disjoint seeded batches
+        batches = itertools.repeat(256)
+    for batch, n in enumerate(batches):
+        for problem in task.problems(n, p.calibrate.seed * 1_000_003 + batch):
             seq = encode_prompt(tokenizer, problem.prompt)
             yield seq, [0] * len(seq)
-        batch += 1
 
 
 def _rac(traces: Path, tokenizer_hash: str) -> Iterator[Sequence]:
@@ -67,7 +70,7 @@ def take_budget(sequences: Iterator[Sequence], budget: int, source: str) -> list
             return taken
     raise RacError(
         f"calibrate.budget_tokens={budget} exceeds the {total} tokens available for source {source!r}; "
-        "lower the budget or raise rollout.n_prompts"
+        "lower the budget, or raise rollout.n_prompts (rac) or use a larger calib_task (prompt)"
     )
 
 

@@ -147,10 +147,27 @@ def evaluate(params_path: Path, model: str, out: Path) -> None:
 
 @main.command()
 @PARAMS_OPTION
-@click.option("--evaluations", type=click.Path(path_type=Path), required=True, help="Directory of evaluations.")
+@click.option("--pruned", type=click.Path(path_type=Path), required=True, help="Directory of pruned models by source.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for errors, metrics, heatmap.")
+def analyze(params_path: Path, pruned: Path, out: Path) -> None:
+    """Per-token error of each pruned model along the dense model's greedy rollouts (the paper's figure 2)."""
+    from stages import analyze as stage
+
+    stage.run(_params(params_path), pruned, out)
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--evaluations", type=click.Path(path_type=Path), help="Directory of evaluations.")
+@click.option("--experiments", is_flag=True, help="Sweep report of every experiment in `dvc exp show` instead.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Report directory to write.")
-def report(params_path: Path, evaluations: Path, out: Path) -> None:
-    """Tabulate and plot dense vs. each calibration source."""
+def report(params_path: Path, evaluations: Path | None, experiments: bool, out: Path) -> None:
+    """Tabulate and plot dense vs. each calibration source; or, with --experiments, accuracy and time vs. sparsity."""
     from stages import report as stage
 
-    stage.run(_params(params_path), evaluations, out)
+    if experiments == (evaluations is not None):
+        raise RacError("rac report needs exactly one of --evaluations DIR and --experiments")
+    if experiments:
+        stage.run_experiments(_params(params_path), out)
+    else:
+        stage.run(_params(params_path), evaluations, out)

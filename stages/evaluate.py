@@ -1,5 +1,5 @@
 """Reads: a model directory (dense or pruned), params ``task``, ``evaluate``.
-Writes: ``samples.parquet`` (``schemas.SAMPLES``) and ``metrics.json`` (accuracy ± SE, CoT length
+Writes: ``samples.parquet`` (``schemas.SAMPLES``) and ``metrics.json`` (accuracy ± SE, pass@k, CoT length
 mean/median/p90, fraction that hit the max length, wall seconds, generated tokens/s).
 """
 
@@ -20,53 +20,67 @@ from stages.tasks import get_task
 log = logging.getLogger(__name__)
 
 
-def metrics(correct: list[bool], lengths: list[int], hit_max: list[bool], wall_s: float) -> dict[str, float]:
-    """Accuracy with its standard error, CoT length statistics, rambling fraction and speed."""
-    n = len(correct)
-    accuracy = sum(correct) / n
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem with ``c`` correct among ``n`` samples: 1 - C(n-c, k) / C(n, k)."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def metrics(correct: list[list[bool]], lengths: list[int], hit_max: list[bool], wall_s: float) -> dict[str, float]:
+    """Accuracy (acc@1 averaged over each problem's samples) ± its standard error over problems, pass@k for
+    k = 1, 2, 4, … up to the samples per problem, CoT length statistics, rambling fraction and speed.
+
+    ``correct`` holds one list of samples per problem; ``lengths`` and ``hit_max`` one entry per sample.
+    """
+    n_samples = len(correct[0])
+    per_problem = np.array([np.mean(c) for c in correct])  # [problems]
+    ks = sorted({2**i for i in range(n_samples.bit_length()) if 2**i <= n_samples} | {n_samples})
     return {
-        "accuracy": accuracy,
-        "accuracy_se": math.sqrt(accuracy * (1 - accuracy) / n),
+        "accuracy": float(per_problem.mean()),
+        "accuracy_se": float(per_problem.std() / math.sqrt(len(per_problem))),
+        **{f"pass@{k}": float(np.mean([pass_at_k(n_samples, sum(c), k) for c in correct])) for k in ks},
         "mean_cot_tokens": float(np.mean(lengths)),
         "median_cot_tokens": float(np.median(lengths)),
         "p90_cot_tokens": float(np.percentile(lengths, 90)),
-        "frac_hit_max": sum(hit_max) / n,
+        "frac_hit_max": sum(hit_max) / len(hit_max),
         "wall_seconds": wall_s,
         "tokens_per_second": sum(lengths) / wall_s,
-        "n_samples": n,
+        "n_problems": len(correct),
+        "samples_per_problem": n_samples,
     }
 
 
 def run(p: Params, model: str, out: Path) -> None:
-    """Generate on ``evaluate.n_problems`` held-out problems with ``model``, grade, and write ``out``."""
-    task, s = get_task(p.task), p.evaluate
+    """Sample ``evaluate.samples_per_problem`` completions on each of ``evaluate.n_problems`` held-out problems
+    with ``model``, grade them, and write ``out``."""
+    task, s = get_task(p.task, p.benchmarks), p.evaluate
     check_model_ref(model)
     tokenizer = load_tokenizer(model)
     problems = task.problems(s.n_problems, s.seed)
     prompts = [encode_prompt(tokenizer, pr.prompt) for pr in problems]
     start = time.perf_counter()
-    generations = generate(model, prompts, s, 1)
+    generations = generate(model, prompts, s, s.samples_per_problem)
     wall_s = time.perf_counter() - start
     rows = []
-    for problem_id, (problem, prompt_ids, (g,)) in enumerate(zip(problems, prompts, generations, strict=True)):
-        completion = tokenizer.decode(g.token_ids, skip_special_tokens=True)
-        extracted = task.extract_answer(completion)
-        rows.append(
-            {
-                "problem_id": problem_id,
-                "sample_idx": 0,
-                "prompt": problem.prompt,
-                "completion": completion,
-                "n_prompt_tokens": len(prompt_ids),
-                "n_completion_tokens": len(g.token_ids),
-                "finish_reason": g.finish_reason,
-                "answer": problem.answer,
-                "extracted": extracted,
-                "correct": task.is_correct(completion, problem.answer),
-            }
-        )
+    for problem_id, (problem, prompt_ids, samples) in enumerate(zip(problems, prompts, generations, strict=True)):
+        for sample_idx, g in enumerate(samples):
+            completion = tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            rows.append(
+                {
+                    "problem_id": problem_id,
+                    "sample_idx": sample_idx,
+                    "prompt": problem.prompt,
+                    "completion": completion,
+                    "n_prompt_tokens": len(prompt_ids),
+                    "n_completion_tokens": len(g.token_ids),
+                    "finish_reason": g.finish_reason,
+                    "answer": problem.answer,
+                    "extracted": task.extract_answer(completion),
+                    "correct": task.is_correct(completion, problem.answer),
+                }
+            )
+    k = s.samples_per_problem
     result = metrics(
-        [r["correct"] for r in rows],
+        [[r["correct"] for r in rows[i : i + k]] for i in range(0, len(rows), k)],
         [r["n_completion_tokens"] for r in rows],
         [r["finish_reason"] == "length" for r in rows],
         wall_s,

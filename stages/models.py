@@ -21,6 +21,7 @@ from transformers import (
 from stages.errors import RacError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+THINK = "<think>"
 
 
 def check_model_ref(model: str) -> str:
@@ -83,10 +84,22 @@ def vocab_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
 
 
+def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """``[BOS]``, or nothing for a tokenizer without one."""
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of a prompt as the model sees it: BOS, then the text."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer.encode(text, add_special_tokens=False)
+    """Token ids of a prompt as the model sees it: ``text`` as the user turn of the chat template, the reply
+    opened with ``<think>`` when the template knows it; BOS then ``text`` for a model without a template."""
+    if not tokenizer.chat_template:
+        return bos_ids(tokenizer) + tokenizer.encode(text, add_special_tokens=False)
+    messages = [{"role": "user", "content": text}]
+    rendered = str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    # R1-Distill's template opens the reply with <think> itself; Qwen3's leaves it to the model, which may skip it.
+    if THINK in tokenizer.chat_template and not rendered.rstrip().endswith(THINK):
+        rendered += THINK + "\n"
+    return tokenizer.encode(rendered, add_special_tokens=False)
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:

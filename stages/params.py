@@ -14,7 +14,7 @@ from ruamel.yaml import YAML
 from stages.errors import RacError
 from stages.selection import SCOPES, check_layers
 from stages.solvers import KERNELS, get_solver, parse_pattern
-from stages.tasks import get_task
+from stages.tasks import check_task
 
 SOURCES = ("generic", "prompt", "rac", "offpolicy")
 BACKENDS = ("vllm", "hf")
@@ -126,10 +126,31 @@ class EvaluateParams(SamplingParams):
     """Held-out generation and grading."""
 
     n_problems: int
+    samples_per_problem: int
 
     def check(self) -> None:
         self.check_sampling("evaluate")
         _positive("evaluate.n_problems", self.n_problems)
+        _positive("evaluate.samples_per_problem", self.samples_per_problem)
+        if self.temperature == 0 and self.samples_per_problem > 1:
+            raise RacError(
+                f"evaluate.samples_per_problem={self.samples_per_problem} with temperature 0 repeats one greedy "
+                "sample; set evaluate.temperature > 0 (0.6 for DeepSeek-R1) or samples_per_problem to 1"
+            )
+
+
+@dataclass(frozen=True)
+class AnalyzeParams:
+    """Per-token reconstruction error of the pruned models along the dense model's greedy rollouts."""
+
+    backend: str
+    n_problems: int
+    max_new_tokens: int
+
+    def check(self) -> None:
+        _choice("analyze.backend", self.backend, BACKENDS)
+        _positive("analyze.n_problems", self.n_problems)
+        _positive("analyze.max_new_tokens", self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -193,6 +214,8 @@ class Params:
 
     model: str
     task: str
+    calib_task: str
+    benchmarks: dict[str, str]
     sources: list[str]
     sparsity: float
     pruner: str
@@ -202,6 +225,7 @@ class Params:
     hessians: HessiansParams
     prune: PruneParams
     evaluate: EvaluateParams
+    analyze: AnalyzeParams
 
     def check(self) -> None:
         for source in self.sources:
@@ -211,7 +235,8 @@ class Params:
                 "sources has 'offpolicy' but calibrate.offpolicy_traces is not set; point it at another model's "
                 "traces (`rac rollout --model OTHER --out FILE`)"
             )
-        get_task(self.task)
+        check_task(self.task, self.benchmarks)
+        check_task(self.calib_task, self.benchmarks)
         get_solver(self.pruner)
         for value in (self.sparsity, *self.prune.overrides.values()):
             if not 0 <= value < 1:
@@ -227,6 +252,7 @@ _SECTIONS = {
     "hessians": HessiansParams,
     "prune": PruneParams,
     "evaluate": EvaluateParams,
+    "analyze": AnalyzeParams,
 }
 
 

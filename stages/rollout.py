@@ -1,4 +1,4 @@
-"""Reads: params ``model``, ``task``, ``rollout``. Writes: traces Parquet (``schemas.TRACES``).
+"""Reads: params ``model``, ``calib_task``, ``benchmarks``, ``rollout``. Writes: traces Parquet (``schemas.TRACES``).
 
 Samples on-policy chains of thought from the dense model on calibration prompts.
 """
@@ -20,7 +20,7 @@ def run(p: Params, out: Path, model: str) -> None:
 
     ``model`` is ``p.model`` for on-policy traces, or another model for the ``offpolicy`` source.
     """
-    task, s = get_task(p.task), p.rollout
+    task, s = get_task(p.calib_task, p.benchmarks), p.rollout
     check_model_ref(model)
     tokenizer = load_tokenizer(model)
     problems = task.problems(s.n_prompts, s.seed)
@@ -56,7 +56,7 @@ def run(p: Params, out: Path, model: str) -> None:
             "model": model,
             "model_fingerprint": fingerprint(model),
             "tokenizer": vocab_hash(tokenizer),
-            "task": p.task,
+            "task": p.calib_task,
             "sampling": {k: getattr(s, k) for k in ("temperature", "top_p", "max_new_tokens")},
             "backend": s.backend,
             "seed": s.seed,

@@ -66,6 +66,18 @@ SAMPLES = pa.schema(
     ]
 )
 
+# One row per (model, problem): e_t = ‖h_dense,t − h_model,t‖₂ of the final hidden state along the dense
+# model's greedy rollout; positions < n_prompt_tokens are the prompt, the rest the decode.
+ERRORS = pa.schema(
+    [
+        ("model", pa.string()),
+        ("problem_id", pa.int64()),
+        ("n_prompt_tokens", pa.int32()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("errors", pa.list_(pa.float32())),
+    ]
+)
+
 SEGMENT_IDS = {"prompt": 0, "decode": 1}
 
 

@@ -115,7 +115,7 @@ def train(task: Task, p: ToyParams, out: Path) -> dict[str, float]:
 
 def held_out_accuracy(p: Params, model: Path) -> float:
     """Greedy accuracy (HF backend) on ``toy.eval_problems`` problems unseen by rollout and evaluate."""
-    task = get_task(p.task)
+    task = get_task(p.task, p.benchmarks)
     tokenizer = load_tokenizer(str(model))
     problems = task.problems(p.toy.eval_problems, p.toy.seed + 1)
     sampling = dataclasses.replace(p.evaluate, backend="hf", temperature=0.0)
@@ -128,7 +128,7 @@ def held_out_accuracy(p: Params, model: Path) -> float:
 
 def run(p: Params, out: Path) -> None:
     """Train, measure held-out accuracy, and write ``training.json`` beside the weights."""
-    stats = train(get_task(p.task), p.toy, out)
+    stats = train(get_task(p.task, p.benchmarks), p.toy, out)
     stats["held_out_accuracy"] = held_out_accuracy(p, out)
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
     log.info("toy model: %s", stats)

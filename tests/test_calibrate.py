@@ -36,7 +36,7 @@ def test_take_budget_too_short_names_budget() -> None:
 
 def _traces(n: int, seed: int = 5) -> list[dict]:
     """Trace rows shaped like rollout's: BOS+prompt ids and a CoT completion ending in EOS."""
-    tokenizer, task = toy.build_tokenizer(), get_task("arithmetic")
+    tokenizer, task = toy.build_tokenizer(), get_task("arithmetic", {})
     rows = []
     for i, problem in enumerate(task.problems(n, seed)):
         prompt_ids = encode_prompt(tokenizer, problem.prompt)
@@ -130,7 +130,7 @@ def test_prompt_only_needs_more_sequences_than_rac(setup: tuple, tmp_path: Path)
 def test_prompt_sequences_are_the_task_prompts(setup: tuple, tmp_path: Path) -> None:
     p, traces, _ = setup
     rows, _ = _run(p, "prompt", traces, tmp_path)
-    tokenizer, task = toy.build_tokenizer(), get_task("arithmetic")
+    tokenizer, task = toy.build_tokenizer(), get_task("arithmetic", {})
     problems = task.problems(256, p.calibrate.seed * 1_000_003)
     for row, problem in zip(rows[:-1], problems, strict=False):
         assert row["token_ids"] == encode_prompt(tokenizer, problem.prompt)
@@ -140,7 +140,7 @@ def test_generic_sequences_decode_to_the_generic_text(setup: tuple, tmp_path: Pa
     p, traces, _ = setup
     rows, _ = _run(p, "generic", traces, tmp_path)
     tokenizer = toy.build_tokenizer()
-    text = get_task("arithmetic").generic_text(2 * BUDGET, p.calibrate.seed)
+    text = get_task("arithmetic", {}).generic_text(2 * BUDGET, p.calibrate.seed)
     assert tokenizer.decode(rows[0]["token_ids"][1:]) == text[:63]
 
 

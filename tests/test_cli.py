@@ -1,5 +1,6 @@
 """The `rac` command: help everywhere; bad input is one stderr line, exit code 2, and no artifact at --out."""
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -225,3 +226,40 @@ def test_unknown_task(in_tmp: Path, tiny_model_dir: Path, params_file: Callable[
         main, ["calibrate", "--params", str(params), "--source", "prompt", "--traces", "x", "--out", str(out)]
     )
     _assert_bad_input(result, "'gsm9k'")
+
+
+def _jsonl(path: Path, rows: list[dict[str, str]]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "needles"),
+    [
+        ("missing_file", ["benchmark path", "nope.jsonl", "does not exist"]),
+        ("wrong_fields", ["row 0 lacks fields ['problem', 'answer']", "expected fields: problem, answer"]),
+        ("unknown_benchmark", ["task='gsm8k' is unknown", "math500"]),
+        ("zero_max_new_tokens", ["evaluate.max_new_tokens=0 must be > 0"]),
+        ("negative_max_new_tokens", ["evaluate.max_new_tokens=-5 must be > 0"]),
+        ("greedy_with_samples", ["evaluate.samples_per_problem=4 with temperature 0"]),
+    ],
+)
+def test_evaluate_bad_benchmark_input(
+    in_tmp: Path, tiny_model_dir: Path, params_file: Callable[..., Path], case: str, needles: list[str]
+) -> None:
+    good = _jsonl(in_tmp / "math500.jsonl", [{"problem": "What is $1+1$?", "answer": "2"}])
+    overrides = {
+        "missing_file": {"task": "math500", "benchmarks": {"math500": "nope.jsonl"}},
+        "wrong_fields": {"task": "math500", "benchmarks": {"math500": _jsonl(in_tmp / "q.jsonl", [{"question": "q"}])}},
+        "unknown_benchmark": {"task": "gsm8k"},
+        "zero_max_new_tokens": {"task": "math500", "benchmarks": {"math500": good}, "evaluate": {"max_new_tokens": 0}},
+        "negative_max_new_tokens": {"evaluate": {"max_new_tokens": -5}},
+        "greedy_with_samples": {"evaluate": {"temperature": 0.0, "samples_per_problem": 4}},
+    }[case]
+    params = params_file(tiny_model_dir, overrides)
+    out = Path("data/evaluate/rac")
+    result = CliRunner().invoke(
+        main, ["evaluate", "--params", str(params), "--model", str(tiny_model_dir), "--out", str(out)]
+    )
+    _assert_bad_input(result, *needles)
+    assert _leftovers(out.parent) == []

@@ -17,7 +17,7 @@ EMBEDDED = ROOT / "data" / "embedded"
 @pytest.mark.slow
 def test_vllm_and_hf_greedy_agree_on_embedded_model() -> None:
     p = load_params(ROOT / "params.yaml")
-    task, tokenizer = get_task(p.task), load_tokenizer(str(EMBEDDED))
+    task, tokenizer = get_task(p.task, p.benchmarks), load_tokenizer(str(EMBEDDED))
     problems = task.problems(24, 99)
     prompts = [encode_prompt(tokenizer, pr.prompt) for pr in problems]
     greedy = dataclasses.replace(p.evaluate, temperature=0.0, max_new_tokens=200)

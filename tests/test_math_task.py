@@ -8,11 +8,13 @@ from types import SimpleNamespace
 import pytest
 
 from stages.errors import RacError
+from stages.tasks import get_task
 from stages.tasks.math_benchmarks import INSTRUCTION, MathBenchmark
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MATH500 = str(FIXTURES / "math500_tiny.jsonl")
 AIME = str(FIXTURES / "aime_tiny.parquet")
+PATHS = {"math500": MATH500, "aime25": AIME}
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> str:
@@ -21,71 +23,83 @@ def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> str:
 
 
 def test_load_math500_jsonl() -> None:
-    task = MathBenchmark("math500", MATH500)
-    problems = task.problems(5, 0)
+    task = get_task("math500", PATHS)
+    problems = sorted(task.problems(5, 0), key=lambda p: PROBLEM_ORDER.index(p.answer))
     assert task.name == "math500"
-    assert [p.answer for p in problems] == [
-        r"\left( 3, \frac{\pi}{2} \right)",
-        r"\frac{\sqrt{3}}{2}",
-        r"\frac{1}{2}",
-        r"3\sqrt{13}",
-        "[-2, 7]",
-    ]
+    assert task.size == 5
+    assert [p.answer for p in problems] == PROBLEM_ORDER
+
+
+PROBLEM_ORDER = [
+    r"\left( 3, \frac{\pi}{2} \right)",
+    r"\frac{\sqrt{3}}{2}",
+    r"\frac{1}{2}",
+    r"3\sqrt{13}",
+    "[-2, 7]",
+]
+
+
+def test_math500_fields() -> None:
+    problems = sorted(get_task("math500", PATHS).problems(5, 0), key=lambda p: PROBLEM_ORDER.index(p.answer))
     assert problems[2].prompt == "What is $\\frac{1}{4} + \\frac{1}{4}$?\n" + INSTRUCTION
     assert problems[3].solution.endswith(r"\boxed{3\sqrt{13}}$.")
     # Each reference solution's boxed answer grades correct against its own gold answer.
+    task = get_task("math500", PATHS)
     assert all(task.is_correct(p.solution, p.answer) for p in problems)
 
 
 def test_load_aime_parquet() -> None:
-    problems = MathBenchmark("aime25", AIME).problems(3, 0)
-    assert [p.answer for p in problems] == ["70", "400", "376"]  # int64 column, read as text
-    assert problems[0].prompt.startswith("Find the sum of all integer bases $b>9$")
+    problems = get_task("aime25", PATHS).problems(3, 0)
+    assert sorted(p.answer for p in problems) == ["376", "400", "70"]  # int64 column, read as text
+    assert any(p.prompt.startswith("Find the sum of all integer bases $b>9$") for p in problems)
     assert all(p.solution == "" for p in problems)  # AIME-25 ships no solutions
 
 
 def test_prompt_ends_with_deepseek_instruction() -> None:
     assert INSTRUCTION == "Please reason step by step, and put your final answer within \\boxed{}."
-    for problem in MathBenchmark("math500", MATH500).problems(5, 0):
+    for problem in get_task("math500", PATHS).problems(5, 0):
         assert problem.prompt.endswith("\nPlease reason step by step, and put your final answer within \\boxed{}.")
 
 
-def test_problems_are_the_first_n_whatever_the_seed() -> None:
-    task = MathBenchmark("math500", MATH500)
+def test_problems_are_a_seeded_permutation() -> None:
+    task = get_task("math500", PATHS)
     everything = task.problems(5, 0)
-    assert task.problems(2, 0) == task.problems(2, 123) == everything[:2]
+    assert sorted(p.answer for p in everything) == sorted(PROBLEM_ORDER)  # each problem once
+    assert task.problems(5, 0) == everything
+    assert task.problems(2, 0) == everything[:2]
+    assert any(task.problems(5, seed) != everything for seed in range(1, 5))
     assert task.problems(0, 0) == []
 
 
 def test_too_many_problems() -> None:
     with pytest.raises(RacError, match=r"n_problems=6 exceeds the 5 problems in .*math500_tiny\.jsonl"):
-        MathBenchmark("math500", MATH500).problems(6, 0)
+        get_task("math500", PATHS).problems(6, 0)
 
 
 def test_missing_path(tmp_path: Path) -> None:
     for path in (tmp_path / "nope.jsonl", tmp_path / "nope"):
         with pytest.raises(RacError, match=r"nope.*does not exist; pass a local \.jsonl or \.parquet file"):
-            MathBenchmark("math500", str(path))
+            MathBenchmark("math500", str(path), "test")
 
 
 def test_unsupported_extension(tmp_path: Path) -> None:
     path = tmp_path / "math500.csv"
     path.write_text("problem,answer\n1+1,2\n")
     with pytest.raises(RacError, match=r"math500\.csv.*unsupported extension '\.csv'; convert it to \.jsonl or \.parq"):
-        MathBenchmark("math500", str(path))
+        MathBenchmark("math500", str(path), "test")
 
 
 def test_wrong_fields(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "aime.jsonl", [{"problem": "p", "answer": "1"}, {"question": "q", "answer": "2"}])
     with pytest.raises(RacError, match=r"row 1 lacks fields \['problem'\]; expected fields: problem, answer"):
-        MathBenchmark("aime25", path)
+        MathBenchmark("aime25", path, "test")
 
 
 def test_invalid_json_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"problem": "p", "answer": "1"}\n\n{"problem": \n')
     with pytest.raises(RacError, match=r"line 3 of benchmark file .*bad\.jsonl.* is not JSON"):
-        MathBenchmark("math500", str(path))
+        MathBenchmark("math500", str(path), "test")
 
 
 def test_hub_id_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,7 +111,7 @@ def test_hub_id_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
         return rows
 
     monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
-    (problem,) = MathBenchmark("math500", "HuggingFaceH4/MATH-500").problems(1, 0)
+    (problem,) = get_task("math500", {"math500": "HuggingFaceH4/MATH-500"}).problems(1, 0)
     assert calls == [("HuggingFaceH4/MATH-500", "test")]
     assert problem.answer == "2"
 
@@ -105,7 +119,7 @@ def test_hub_id_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_hub_id_without_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
     with pytest.raises(RacError, match=r"'HuggingFaceH4/MATH-500' is not a local file and `datasets` is not installed"):
-        MathBenchmark("math500", "HuggingFaceH4/MATH-500")
+        get_task("math500", {"math500": "HuggingFaceH4/MATH-500"})
 
 
 def test_hub_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,7 +128,7 @@ def test_hub_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
     with pytest.raises(RacError, match=r"the hub failed \(offline\); download the benchmark .* pass its local path"):
-        MathBenchmark("aime25", "math-ai/aime25")
+        get_task("aime25", {"aime25": "math-ai/aime25"})
 
 
 @pytest.mark.parametrize(
@@ -134,7 +148,7 @@ def test_hub_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_extract_answer(completion: str, extracted: str | None) -> None:
-    assert MathBenchmark("math500", MATH500).extract_answer(completion) == extracted
+    assert get_task("math500", PATHS).extract_answer(completion) == extracted
 
 
 @pytest.mark.parametrize(
@@ -159,9 +173,37 @@ def test_extract_answer(completion: str, extracted: str | None) -> None:
     ],
 )
 def test_is_correct(completion: str, gold: str, correct: bool) -> None:
-    assert MathBenchmark("math500", MATH500).is_correct(completion, gold) is correct
+    assert get_task("math500", PATHS).is_correct(completion, gold) is correct
 
 
 def test_generic_text_refused() -> None:
     with pytest.raises(RacError, match=r"task='aime25' has no generic corpus .*generic \(C4\) source.*task=arithmetic"):
-        MathBenchmark("aime25", AIME).generic_text(100, 0)
+        get_task("aime25", PATHS).generic_text(100, 0)
+
+
+def test_openr1_reads_the_train_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def load_dataset(hub_id: str, split: str) -> list[dict[str, str]]:
+        calls.append((hub_id, split))
+        return [{"problem": "p", "answer": "1", "solution": "s", "uuid": "u"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    assert get_task("openr1_math", {"openr1_math": "open-r1/OpenR1-Math-220k"}).size == 1
+    assert calls == [("open-r1/OpenR1-Math-220k", "train")]
+
+
+@pytest.mark.parametrize(
+    ("name", "paths", "message"),
+    [
+        (
+            "gsm8k",
+            PATHS,
+            r"task='gsm8k' is unknown; choose one of \['aime25', 'arithmetic', 'math500', 'openr1_math'\]",
+        ),
+        ("aime25", {"math500": MATH500}, r"task='aime25' has no path; set benchmarks.aime25 to a local"),
+    ],
+)
+def test_unknown_or_unconfigured_benchmark(name: str, paths: dict[str, str], message: str) -> None:
+    with pytest.raises(RacError, match=message):
+        get_task(name, paths)

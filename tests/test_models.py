@@ -111,3 +111,28 @@ def test_load_tokenizer_encodes_like_the_saved_one(fixture: str, text: str, requ
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert ids == toy.build_tokenizer().encode(text, add_special_tokens=False)
     assert tokenizer.decode(ids) == text
+
+
+_USER = "{{ bos_token }}{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+CHAT_TEMPLATES = {
+    # R1-Distill style: the generation prompt opens the reply with <think> itself.
+    "opens_think": _USER + "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}",
+    # Qwen3 style: <think> appears in the template, but the generation prompt leaves it to the model.
+    "knows_think": _USER + "{% if add_generation_prompt %}<|assistant|>{% endif %}{% if false %}<think>{% endif %}",
+    "no_think": _USER + "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+}
+
+
+@pytest.mark.parametrize(("template", "think"), [("opens_think", True), ("knows_think", True), ("no_think", False)])
+def test_encode_prompt_applies_the_chat_template(template: str, think: bool, tmp_path: Path) -> None:
+    saved = toy.build_tokenizer()
+    saved.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<think>"]})
+    saved.chat_template = CHAT_TEMPLATES[template]
+    saved.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(str(tmp_path))  # the template travels with the saved tokenizer
+    user, assistant, think_id = tokenizer.convert_tokens_to_ids(["<|user|>", "<|assistant|>", "<think>"])
+    chars = toy.build_tokenizer()
+    expected = [tokenizer.bos_token_id, user, *chars.encode("12+3=", add_special_tokens=False), assistant]
+    if think:
+        expected += [think_id, *chars.encode("\n", add_special_tokens=False)]  # <think> once, never twice
+    assert encode_prompt(tokenizer, "12+3=") == expected

@@ -92,6 +92,6 @@ def test_generic_text(n_chars: int, seed: int) -> None:
 
 
 def test_get_task() -> None:
-    assert isinstance(get_task("arithmetic"), Arithmetic)
+    assert isinstance(get_task("arithmetic", {}), Arithmetic)
     with pytest.raises(ValueError, match="'nope'"):
-        get_task("nope")
+        get_task("nope", {})

@@ -43,6 +43,7 @@ class Arithmetic:
     """Addition of two operands of 2 to 6 digits, graded exactly on the ``####`` answer."""
 
     name = "arithmetic"
+    size = None
 
     def problems(self, n: int, seed: int) -> list[Problem]:
         """``n`` problems with operand lengths drawn uniformly, seeded."""

@@ -17,9 +17,11 @@ class Task(Protocol):
     """A benchmark: seeded problem sampling, answer extraction and grading."""
 
     name: str
+    size: int | None  # problems in a fixed benchmark; None for an endless generator
 
     def problems(self, n: int, seed: int) -> list[Problem]:
-        """``n`` problems drawn with ``seed``; different seeds give disjoint streams in practice."""
+        """``n`` problems drawn with ``seed``: a generator's seeds give disjoint streams in practice; a fixed
+        benchmark gives the first ``n`` of its seeded permutation."""
         ...
 
     def extract_answer(self, completion: str) -> str | None:

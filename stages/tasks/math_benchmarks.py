@@ -12,10 +12,14 @@ Other fields are ignored. The prompt is the problem followed by DeepSeek-R1's in
 template is applied by the caller. A completion's answer is the content of its last ``\\boxed{…}`` or
 ``\\fbox{…}``, compared with the gold answer by math-verify.
 
+- OpenR1-Math-220K (``open-r1/OpenR1-Math-220k``, split ``train``), the paper's calibration prompts:
+  ``problem`` and ``answer``; its other fields are ignored.
+
 ``path`` may also be a hub id (``owner/name``), loaded with the optional ``datasets`` library.
 """
 
 import json
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -47,26 +51,26 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_hub(hub_id: str) -> list[dict[str, Any]]:
-    """The ``test`` split of ``hub_id`` through the optional ``datasets`` library."""
+def _read_hub(hub_id: str, split: str) -> list[dict[str, Any]]:
+    """The ``split`` of ``hub_id`` through the optional ``datasets`` library."""
     fix = "download the benchmark as Parquet or JSONL and pass its local path"
     try:
         import datasets
     except ImportError as e:
         raise RacError(f"benchmark path {hub_id!r} is not a local file and `datasets` is not installed; {fix}") from e
     try:
-        return list(datasets.load_dataset(hub_id, split="test"))
+        return list(datasets.load_dataset(hub_id, split=split))
     except OSError as e:  # connection, offline-mode and not-found errors of datasets and huggingface_hub
         raise RacError(f"benchmark path {hub_id!r} is not a local file and the hub failed ({e}); {fix}") from e
 
 
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """The rows of the benchmark at ``path``: a local ``.jsonl`` or ``.parquet`` file, or a hub id."""
+def read_rows(path: str, split: str) -> list[dict[str, Any]]:
+    """The rows of the benchmark at ``path``: a local ``.jsonl`` or ``.parquet`` file, or ``split`` of a hub id."""
     local = Path(path)
     if not local.exists():
         if local.suffix in SUFFIXES or not _HUB_ID_RE.fullmatch(path):
             raise RacError(f"benchmark path {path!r} does not exist; pass a local .jsonl or .parquet file")
-        return _read_hub(path)
+        return _read_hub(path, split)
     if local.suffix == ".jsonl":
         return _read_jsonl(local)
     if local.suffix == ".parquet":
@@ -99,11 +103,11 @@ def last_boxed(text: str) -> str | None:
 
 
 class MathBenchmark:
-    """A fixed benchmark read in file order, graded by math-verify on the last boxed answer."""
+    """A fixed benchmark, graded by math-verify on the last boxed answer."""
 
-    def __init__(self, name: str, path: str) -> None:
+    def __init__(self, name: str, path: str, split: str) -> None:
         self.name, self.path = name, path
-        rows = read_rows(path)
+        rows = read_rows(path, split)
         for index, row in enumerate(rows):
             missing = [f for f in REQUIRED_FIELDS if f not in row]
             if missing:
@@ -118,15 +122,17 @@ class MathBenchmark:
             )
             for row in rows
         ]
+        self.size = len(self._problems)
 
     def problems(self, n: int, seed: int) -> list[Problem]:
-        """The first ``n`` problems in file order; ``seed`` is unused, as the benchmark is fixed."""
-        if n > len(self._problems):
+        """The first ``n`` problems of the permutation drawn with ``seed``: all of them when ``n`` is the size."""
+        if n > self.size:
             raise RacError(
-                f"n_problems={n} exceeds the {len(self._problems)} problems in {self.path!r}; lower "
-                f"evaluate.n_problems (or rollout.n_prompts) to at most {len(self._problems)}"
+                f"n_problems={n} exceeds the {self.size} problems in {self.path!r}; lower "
+                f"evaluate.n_problems (or rollout.n_prompts, analyze.n_problems) to at most {self.size}"
             )
-        return self._problems[:n]
+        order = random.Random(seed).sample(range(self.size), n)
+        return [self._problems[i] for i in order]
 
     def extract_answer(self, completion: str) -> str | None:
         """The content of the last ``\\boxed{…}`` in ``completion``, or None."""
