@@ -63,7 +63,8 @@ def plot_heatmap(numerator: list[np.ndarray], denominator: list[np.ndarray], n_p
     for row, (num, den) in enumerate(zip(numerator, denominator, strict=True)):
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio[row, : len(num)] = np.log2(num / den)
-    limit = max(float(np.nanmax(np.abs(ratio))), 1e-3) if np.isfinite(ratio).any() else 1.0
+    finite = np.abs(ratio[np.isfinite(ratio)])
+    limit = max(float(np.percentile(finite, 99)), 1e-3) if finite.size else 1.0  # a few outliers keep their color
     fig, ax = plt.subplots(figsize=(10, 0.25 * len(numerator) + 1.5))
     cmap = plt.get_cmap("RdBu").with_extremes(bad="0.9")
     image = ax.imshow(

@@ -1,13 +1,15 @@
 """Reads: traces Parquet (for ``rac``), params ``model``, ``calib_task``, ``benchmarks``, ``calibrate``.
 Writes: one calibration Parquet per source (``schemas.CALIBRATION``), all with the same token budget.
 
-Sources: ``generic`` (generic text, the stand-in for C4), ``prompt`` (prompts only, so it takes
-more prompts than RAC to fill the budget), ``rac`` (prompt plus the on-policy chain of thought),
-``offpolicy`` (prompt plus another model's chain of thought, from ``calibrate.offpolicy_traces``).
+Sources: ``generic`` (``calibrate.generic_corpus``, a C4 shard, or else the embedded task's generic text),
+``prompt`` (prompts only, so it takes more prompts than RAC to fill the budget), ``rac`` (prompt plus the
+on-policy chain of thought), ``offpolicy`` (prompt plus another model's chain of thought, from
+``calibrate.offpolicy_traces``).
 """
 
 import itertools
 import logging
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from stages.models import bos_ids, encode_prompt, load_tokenizer, vocab_hash
 from stages.params import SOURCES, Params
 from stages.schemas import CALIBRATION, TRACES, read_parquet, write_parquet
 from stages.tasks import get_task
+from stages.tasks.math_benchmarks import read_texts
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +26,20 @@ Sequence = tuple[list[int], list[int]]  # (token ids, per-token segment)
 
 
 def _generic(p: Params) -> Iterator[Sequence]:
-    tokenizer, task = load_tokenizer(p.model), get_task(p.calib_task, p.benchmarks)
-    c = p.calibrate
-    text = task.generic_text(c.budget_tokens * 2, c.seed)  # one char per token or more: enough text
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    tokenizer, c = load_tokenizer(p.model), p.calibrate
+    if c.generic_corpus:  # documents in seeded order, each cut into windows of generic_seq_len
+        texts = read_texts(c.generic_corpus)
+        texts = [texts[i] for i in random.Random(c.seed).sample(range(len(texts)), len(texts))]
+    else:
+        task = get_task(p.calib_task, p.benchmarks)
+        texts = [task.generic_text(c.budget_tokens * 2, c.seed)]  # one char per token or more: enough text
     bos = bos_ids(tokenizer)
     width = c.generic_seq_len - len(bos)
-    for start in range(0, len(ids) - width + 1, width):
-        seq = bos + ids[start : start + width]
-        yield seq, [0] * len(seq)
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        for start in range(0, len(ids) - width + 1, width):
+            seq = bos + ids[start : start + width]
+            yield seq, [0] * len(seq)
 
 
 def _prompt(p: Params) -> Iterator[Sequence]:

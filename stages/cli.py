@@ -44,6 +44,17 @@ def _params(path: Path) -> Params:
     return load_params(path)
 
 
+@main.command()
+@PARAMS_OPTION
+@click.argument("preset", type=click.Path(path_type=Path))
+def preset(params_path: Path, preset: Path) -> None:
+    """Merge a preset's keys (e.g. presets/r1-distill-qwen-7b.yaml: DeepSeek-R1 settings) into params.yaml."""
+    from stages.params import apply_preset
+
+    p = apply_preset(params_path, preset)
+    click.echo(f"{params_path}: model {p.model}, task {p.task}, calib_task {p.calib_task}, sparsity {p.sparsity}")
+
+
 @main.group(cls=RacGroup)
 def toy() -> None:
     """The embedded tiny reasoner."""

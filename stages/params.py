@@ -12,6 +12,7 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 from ruamel.yaml import YAML
 
 from stages.errors import RacError
+from stages.schemas import atomic_path
 from stages.selection import SCOPES, check_layers
 from stages.solvers import KERNELS, get_solver, parse_pattern
 from stages.tasks import check_task
@@ -160,6 +161,7 @@ class CalibrateParams:
     budget_tokens: int
     seed: int
     generic_seq_len: int
+    generic_corpus: str | None
     offpolicy_traces: str | None
 
     def check(self) -> None:
@@ -256,10 +258,47 @@ _SECTIONS = {
 }
 
 
-def load_params(path: Path) -> Params:
-    """Read and validate params.yaml at ``path``."""
+def _overlay(base: dict[str, Any], preset: dict[str, Any], where: str) -> None:
+    """Set ``preset``'s values into ``base`` in place, refusing keys that ``base`` lacks."""
+    for key, value in preset.items():
+        if key not in base:
+            raise RacError(f"preset key '{where}{key}' is not in params.yaml; fix the spelling")
+        if isinstance(value, dict) and isinstance(base[key], dict) and key != "overrides":  # overrides: replaced
+            _overlay(base[key], value, f"{where}{key}.")
+        else:
+            base[key] = value
+
+
+def apply_preset(params_path: Path, preset_path: Path) -> Params:
+    """Merge the keys of ``preset_path`` into ``params_path``, keeping its comments; validated, then written."""
+    if not preset_path.is_file():
+        raise RacError(f"preset {str(preset_path)!r} does not exist; see presets/ for the shipped ones")
+    preset = YAML(typ="safe", pure=True).load(preset_path.read_text())
+    if not isinstance(preset, dict):
+        raise RacError(f"preset {str(preset_path)!r} must hold a mapping of params.yaml keys")
+    yaml = YAML()  # round trip: params.yaml keeps its comments and order
+    yaml.preserve_quotes = True
+    yaml.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )  # `key: null`, as written, rather than `key:`
+    raw = yaml.load(_existing(params_path).read_text())
+    _overlay(raw, preset, "")
+    with atomic_path(params_path) as tmp:
+        with tmp.open("w") as f:
+            yaml.dump(raw, f)
+        return load_params(tmp)  # refuses an invalid result before it replaces params.yaml
+
+
+def _existing(path: Path) -> Path:
+    """``path`` if it is a params file; else a one-line error."""
     if not path.is_file():
         raise RacError(f"params file {str(path)!r} does not exist; run from the project root or pass --params")
+    return path
+
+
+def load_params(path: Path) -> Params:
+    """Read and validate params.yaml at ``path``."""
+    _existing(path)
     # YAML 1.2, as DVC writes it: `-S prune.pattern=2:4` stays the string "2:4" (YAML 1.1 reads 124).
     raw = YAML(typ="safe", pure=True).load(path.read_text()) or {}
     if not isinstance(raw, dict):

@@ -4,6 +4,9 @@ import copy
 import dataclasses
 import math
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from stages import toy
 from stages.params import ToyParams
 
-SHIPPED_PARAMS = Path(__file__).parents[1] / "params.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_PARAMS = ROOT / "params.yaml"
+DVC = [sys.executable, "-m", "dvc"]
 
 # head_dim = 64 / 2 = 32, the smallest that params accept; 2 layers keep every forward pass in milliseconds.
 TINY = ToyParams(
@@ -119,3 +124,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def run_cmd(args: list[str], cwd: Path) -> str:
+    """Run ``args`` in ``cwd`` with the venv's ``rac`` and ``dvc`` on PATH; its stdout and stderr, or a failure."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout + proc.stderr
+
+
+def git_commit(repo: Path, message: str) -> None:
+    run_cmd(["git", "add", "-A"], repo)
+    run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo)
+
+
+def dvc_project(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A git+DVC repo at ``repo`` with the project's DAG, stages and embedded model, and the shipped params with
+    nested ``overrides``, committed; returns the params."""
+    repo.mkdir()
+    for name in ("dvc.yaml", "stages"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
+    shutil.copytree(ROOT / "data" / "embedded", repo / "data" / "embedded")
+    params = _merge(yaml.safe_load(SHIPPED_PARAMS.read_text()), overrides)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_cmd(["git", "init", "-q", "-b", "main"], repo)
+    run_cmd([*DVC, "init", "-q"], repo)
+    git_commit(repo, "init")
+    return params

@@ -1,5 +1,6 @@
 """Calibration sequences: one exact token budget per source, decode tokens exactly where the CoT is."""
 
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from stages.schemas import CALIBRATION, TRACES, read_parquet, write_parquet
 from stages.tasks import get_task
 
 BUDGET = 300
+MATH500 = Path(__file__).parent / "fixtures" / "math500_tiny.jsonl"
 
 
 def test_take_budget_cuts_last_sequence() -> None:
@@ -212,3 +214,38 @@ def test_offpolicy_uses_the_other_models_traces(
 def test_offpolicy_needs_traces(tiny_model_dir: Path, params_file: Callable[..., Path]) -> None:
     with pytest.raises(RacError, match=r"calibrate\.offpolicy_traces is not set"):
         load_params(params_file(tiny_model_dir, {"sources": ["rac", "offpolicy"]}))
+
+
+def test_generic_corpus_file(setup: tuple, tmp_path: Path) -> None:
+    p, traces, _ = setup
+    docs = [f"the {w} cat sees a dog near the river and then walks home slowly today." * 3 for w in ("red", "big")]
+    corpus = tmp_path / "c4-shard.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d, "url": "x", "timestamp": "y"}) + "\n" for d in docs))
+    c = replace(p.calibrate, generic_corpus=str(corpus), budget_tokens=200, generic_seq_len=64)
+    rows, _ = _run(replace(p, calibrate=c), "generic", traces, tmp_path)
+    tokenizer = toy.build_tokenizer()
+    windows = [tokenizer.decode(r["token_ids"][1:]) for r in rows]
+    whole = {d[i : i + 63] for d in docs for i in range(0, len(d) - 62, 63)}  # never across two documents
+    assert [len(r["token_ids"]) for r in rows] == [64, 64, 64, 8]
+    assert set(windows[:3]) <= whole
+    assert any(w.startswith(windows[3]) for w in whole)  # the last one cut to the budget
+
+
+def test_generic_corpus_without_text(setup: tuple, tmp_path: Path) -> None:
+    p, traces, _ = setup
+    corpus = tmp_path / "wrong.jsonl"
+    corpus.write_text(json.dumps({"content": "hello"}) + "\n")
+    with pytest.raises(RacError, match=r"rows lack a 'text' field \(they have \['content'\]\)"):
+        _run(replace(p, calibrate=replace(p.calibrate, generic_corpus=str(corpus))), "generic", traces, tmp_path)
+
+
+def test_prompt_source_from_a_fixed_benchmark_uses_each_problem_once(setup: tuple, tmp_path: Path) -> None:
+    p, traces, _ = setup
+    p = replace(p, calib_task="math500", benchmarks={"math500": str(MATH500)})
+    tokenizer = toy.build_tokenizer()
+    everything = [encode_prompt(tokenizer, pr.prompt) for pr in get_task("math500", p.benchmarks).problems(5, 0)]
+    total = sum(len(ids) for ids in everything)
+    rows, _ = _run(replace(p, calibrate=replace(p.calibrate, budget_tokens=total)), "prompt", traces, tmp_path)
+    assert sorted(r["token_ids"] for r in rows) == sorted(everything)  # each of the 5 problems, once
+    with pytest.raises(RacError, match=rf"budget_tokens={total + 1} exceeds the {total} tokens .* 'prompt'"):
+        _run(replace(p, calibrate=replace(p.calibrate, budget_tokens=total + 1)), "prompt", traces, tmp_path)

@@ -177,7 +177,9 @@ def test_is_correct(completion: str, gold: str, correct: bool) -> None:
 
 
 def test_generic_text_refused() -> None:
-    with pytest.raises(RacError, match=r"task='aime25' has no generic corpus .*generic \(C4\) source.*task=arithmetic"):
+    with pytest.raises(
+        RacError, match=r"calib_task='aime25' has no generic text.*set calibrate\.generic_corpus to a C4"
+    ):
         get_task("aime25", PATHS).generic_text(100, 0)
 
 

@@ -11,6 +11,7 @@ import yaml
 
 from stages.errors import RacError
 from stages.params import (
+    AnalyzeParams,
     CalibrateParams,
     EvaluateParams,
     HessiansParams,
@@ -18,6 +19,7 @@ from stages.params import (
     PruneParams,
     RolloutParams,
     ToyParams,
+    apply_preset,
     load_params,
 )
 
@@ -38,6 +40,7 @@ def test_shipped_params_load() -> None:
         "hessians": HessiansParams,
         "prune": PruneParams,
         "evaluate": EvaluateParams,
+        "analyze": AnalyzeParams,
     }
     for name, cls in sections.items():
         section = getattr(p, name)
@@ -187,3 +190,40 @@ def test_pattern_from_dvc_set_is_a_string(params_file: Callable[..., Path]) -> N
     path = params_file("m", {"sparsity": 0.5})
     path.write_text(path.read_text().replace("pattern: unstructured", "pattern: 2:4"))
     assert load_params(path).prune.pattern == "2:4"
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "presets").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_presets_give_deepseek_settings(preset: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(SHIPPED.read_text())
+    p = apply_preset(params, preset)
+    assert (p.task, p.calib_task, p.calibrate.budget_tokens, p.rollout.max_new_tokens) == (
+        "math500",
+        "openr1_math",
+        1_000_000,
+        8192,
+    )
+    assert (p.evaluate.temperature, p.evaluate.top_p, p.evaluate.max_new_tokens) == (0.6, 0.95, 32768)
+    assert load_params(params) == p
+    text = params.read_text()
+    assert "# The only home of defaults." in text and "offpolicy_traces: null" in text  # comments and nulls kept
+    assert p.toy == load_params(SHIPPED).toy  # keys the preset does not name keep their values
+
+
+@pytest.mark.parametrize(
+    ("preset", "message"),
+    [
+        ("sparsity: 1.5\n", "sparsity=1.5 is outside"),
+        ("evaluate:\n  max_new_tokens: 0\n", "evaluate.max_new_tokens=0 must be > 0"),
+        ("evaluate:\n  max_tokens: 10\n", "preset key 'evaluate.max_tokens' is not in params.yaml"),
+        ("- a list\n", "must hold a mapping"),
+    ],
+)
+def test_bad_preset_leaves_params_untouched(preset: str, message: str, tmp_path: Path) -> None:
+    params, bad = tmp_path / "params.yaml", tmp_path / "bad.yaml"
+    params.write_text(SHIPPED.read_text())
+    bad.write_text(preset)
+    with pytest.raises(RacError, match=message):
+        apply_preset(params, bad)
+    assert params.read_text() == SHIPPED.read_text()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["bad.yaml", "params.yaml"]

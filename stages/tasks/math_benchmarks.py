@@ -64,6 +64,21 @@ def _read_hub(hub_id: str, split: str) -> list[dict[str, Any]]:
         raise RacError(f"benchmark path {hub_id!r} is not a local file and the hub failed ({e}); {fix}") from e
 
 
+def read_texts(path: str) -> list[str]:
+    """The ``text`` field of every row of a generic corpus: a local C4 shard (``.jsonl`` or ``.parquet``)."""
+    if not Path(path).is_file():  # never the hub: all of C4 is terabytes
+        raise RacError(
+            f"generic corpus {path!r} does not exist; download a C4 shard such as allenai/c4 "
+            "en/c4-validation.00000-of-00008.json.gz, gunzip it to .jsonl, and set calibrate.generic_corpus to it"
+        )
+    rows = read_rows(path, "train")
+    if rows and "text" not in rows[0]:
+        raise RacError(
+            f"generic corpus {path!r} rows lack a 'text' field (they have {sorted(rows[0])}); use a C4 shard"
+        )
+    return [str(row["text"]) for row in rows]
+
+
 def read_rows(path: str, split: str) -> list[dict[str, Any]]:
     """The rows of the benchmark at ``path``: a local ``.jsonl`` or ``.parquet`` file, or ``split`` of a hub id."""
     local = Path(path)
@@ -150,6 +165,6 @@ class MathBenchmark:
     def generic_text(self, n_chars: int, seed: int) -> str:
         """Refused: a fixed math benchmark ships no generic corpus."""
         raise RacError(
-            f"task={self.name!r} has no generic corpus offline, which the generic (C4) source needs; drop 'generic' "
-            "from sources, or use task=arithmetic, whose embedded task provides one"
+            f"calib_task={self.name!r} has no generic text, which the generic (C4) source needs; set "
+            "calibrate.generic_corpus to a C4 shard (.jsonl/.parquet of `text`) or drop 'generic' from sources"
         )
