@@ -60,5 +60,7 @@ def test_queued_sweep_gives_table_and_figure(tmp_path: Path) -> None:
     assert points[0.3]["rac"]["accuracy"] >= points[0.7]["rac"]["accuracy"]
     assert (sweep / "figure1.png").read_bytes().startswith(b"\x89PNG")
 
-    html = run_cmd([*DVC, "plots", "show", "--json"], repo)
-    assert "data/sweep/sweep.csv" in html and "accuracy against sparsity" in html
+    plots = json.loads(run_cmd([*DVC, "plots", "show", "--json"], repo))["data"]
+    (accuracy,) = plots["accuracy against sparsity per calibration source"]
+    lines = {(v["field"], float(v["sparsity"])) for v in accuracy["content"]["data"]["values"]}
+    assert lines == {(f"{n}_accuracy", x) for n in ["dense", *params["sources"]] for x in (0.3, 0.5, 0.6, 0.7)}
