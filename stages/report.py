@@ -191,7 +191,7 @@ def plot_sweep(p: Params, points: dict[float, dict[str, dict[str, float]]], path
         ax.set(xlabel="sparsity", ylabel=label)
     axes[0].set_ylim(0, 1.05)
     axes[1].axhline(p.evaluate.max_new_tokens, color="black", linestyle=":", label="max_new_tokens")
-    axes[1].legend()
+    axes[1].legend(loc="center right")
     fig.suptitle(f"{p.pruner} on {p.model}: accuracy, CoT length and evaluation time against sparsity")
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")

@@ -38,7 +38,9 @@ def test_every_stage_has_a_subcommand() -> None:
         ("hessians",),
         ("prune",),
         ("evaluate",),
+        ("analyze",),
         ("report",),
+        ("preset",),
     }
 
 
