@@ -14,7 +14,7 @@ import numpy as np
 from stages.generation import generate
 from stages.models import check_model_ref, encode_prompt, load_tokenizer
 from stages.params import Params
-from stages.schemas import SAMPLES, atomic_path, write_parquet
+from stages.schemas import SAMPLES, atomic_path, generation_columns, write_parquet
 from stages.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,9 @@ def run(p: Params, model: str, out: Path) -> None:
                 {
                     "problem_id": problem_id,
                     "sample_idx": sample_idx,
-                    "prompt": problem.prompt,
-                    "completion": completion,
-                    "n_prompt_tokens": len(prompt_ids),
-                    "n_completion_tokens": len(g.token_ids),
-                    "finish_reason": g.finish_reason,
-                    "answer": problem.answer,
+                    **generation_columns(
+                        problem.prompt, completion, prompt_ids, g.token_ids, g.finish_reason, problem.answer
+                    ),
                     "extracted": task.extract_answer(completion),
                     "correct": task.is_correct(completion, problem.answer),
                 }

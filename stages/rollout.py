@@ -9,7 +9,7 @@ from pathlib import Path
 from stages.generation import generate
 from stages.models import check_model_ref, encode_prompt, fingerprint, load_tokenizer, vocab_hash
 from stages.params import Params
-from stages.schemas import TRACES, write_parquet
+from stages.schemas import TRACES, generation_columns, write_parquet
 from stages.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,9 @@ def run(p: Params, out: Path, model: str) -> None:
                     "sample_idx": sample_idx,
                     "prompt_token_ids": prompt_ids,
                     "completion_token_ids": g.token_ids,
-                    "prompt": problem.prompt,
-                    "completion": completion,
-                    "n_prompt_tokens": len(prompt_ids),
-                    "n_completion_tokens": len(g.token_ids),
-                    "finish_reason": g.finish_reason,
-                    "answer": problem.answer,
+                    **generation_columns(
+                        problem.prompt, completion, prompt_ids, g.token_ids, g.finish_reason, problem.answer
+                    ),
                     "correct": task.is_correct(completion, problem.answer),
                 }
             )

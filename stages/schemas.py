@@ -36,6 +36,21 @@ _GENERATION = [
     ("answer", pa.string()),
 ]
 
+
+def generation_columns(
+    prompt: str, completion: str, prompt_ids: list[int], completion_ids: list[int], finish_reason: str, answer: str
+) -> dict[str, Any]:
+    """The ``_GENERATION`` columns of one sample."""
+    return {
+        "prompt": prompt,
+        "completion": completion,
+        "n_prompt_tokens": len(prompt_ids),
+        "n_completion_tokens": len(completion_ids),
+        "finish_reason": finish_reason,
+        "answer": answer,
+    }
+
+
 TRACES = pa.schema(
     [
         ("prompt_id", pa.int64()),

@@ -28,6 +28,14 @@ from stages.params import ToyParams
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PARAMS = ROOT / "params.yaml"
 DVC = [sys.executable, "-m", "dvc"]
+# params overrides that keep a whole `dvc repro` of the embedded pipeline to ~2 minutes on 2 cores
+SMALL_PIPELINE = {
+    "sparsity": 0.6,
+    "rollout": {"n_prompts": 24, "max_new_tokens": 160},
+    "calibrate": {"budget_tokens": 2000},
+    "evaluate": {"n_problems": 16, "max_new_tokens": 160},
+    "analyze": {"n_problems": 4, "max_new_tokens": 160},
+}
 
 # head_dim = 64 / 2 = 32, the smallest that params accept; 2 layers keep every forward pass in milliseconds.
 TINY = ToyParams(

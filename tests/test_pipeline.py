@@ -7,17 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DVC, dvc_project, git_commit, run_cmd
+from conftest import DVC, SMALL_PIPELINE, dvc_project, git_commit, run_cmd
 
 UPSTREAM = ("rollout", "calibrate@", "hessians@")
-# Small enough for CI: a ~2-minute `dvc repro` on 2 cores.
-SMALL = {
-    "sparsity": 0.6,
-    "rollout": {"n_prompts": 24, "max_new_tokens": 160},
-    "calibrate": {"budget_tokens": 2000},
-    "evaluate": {"n_problems": 24, "max_new_tokens": 160},
-    "analyze": {"n_problems": 6, "max_new_tokens": 160},
-}
 
 
 def _tree_digest(path: Path) -> dict[str, str]:
@@ -31,7 +23,7 @@ def _tree_digest(path: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_repro_then_sparsity_experiment_reuses_hessians(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    params = dvc_project(repo, SMALL)
+    params = dvc_project(repo, SMALL_PIPELINE)
 
     first = run_cmd([*DVC, "repro"], repo)
     for stage in ("rollout", "hessians@rac", "prune@rac", "evaluate_dense", "evaluate@rac", "analyze", "report"):

@@ -6,17 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DVC, dvc_project, git_commit, run_cmd
+from conftest import DVC, SMALL_PIPELINE, dvc_project, git_commit, run_cmd
 
 from stages import report
-
-SMALL = {
-    "sparsity": 0.6,
-    "rollout": {"n_prompts": 24, "max_new_tokens": 160},
-    "calibrate": {"budget_tokens": 2000},
-    "evaluate": {"n_problems": 16, "max_new_tokens": 160},
-    "analyze": {"n_problems": 4, "max_new_tokens": 160},
-}
 
 
 def _wait_for_queue(repo: Path, timeout_s: float) -> str:
@@ -33,7 +25,7 @@ def _wait_for_queue(repo: Path, timeout_s: float) -> str:
 @pytest.mark.slow
 def test_queued_sweep_gives_table_and_figure(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    params = dvc_project(repo, SMALL)
+    params = dvc_project(repo, SMALL_PIPELINE)
     run_cmd([*DVC, "repro"], repo)
     git_commit(repo, "baseline at sparsity 0.6")
 
