@@ -10,7 +10,7 @@ on-policy chain of thought), ``offpolicy`` (prompt plus another model's chain of
 import itertools
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from stages.errors import RacError
@@ -44,11 +44,9 @@ def _generic(p: Params) -> Iterator[Sequence]:
 
 def _prompt(p: Params) -> Iterator[Sequence]:
     tokenizer, task = load_tokenizer(p.model), get_task(p.calib_task, p.benchmarks)
-    if task.size is not None:  # a fixed benchmark: each of its problems once, in seeded order
-        batches: Iterator[int] = iter([task.size])
-    else:  # an endless generator: disjoint seeded batches
-        batches = itertools.repeat(256)
-    for batch, n in enumerate(batches):
+    # a fixed benchmark: each of its problems once, in seeded order; an endless generator: disjoint seeded batches
+    sizes: Iterable[int] = [task.size] if task.size is not None else itertools.repeat(256)
+    for batch, n in enumerate(sizes):
         for problem in task.problems(n, p.calibrate.seed * 1_000_003 + batch):
             seq = encode_prompt(tokenizer, problem.prompt)
             yield seq, [0] * len(seq)

@@ -125,10 +125,10 @@ def sweep_points(entries: list[dict[str, Any]], sources: list[str]) -> dict[floa
 
     reference = {k: v for k, v in params(revisions[0]).items() if k != "sparsity"}
     newest_first = sorted(revisions, key=lambda r: r["data"]["timestamp"] or "9999", reverse=True)
+    names = ["dense", *sources]
     points: dict[float, dict[str, dict[str, float]]] = {}
     for revision in newest_first:
         values, metrics = params(revision), revision["data"].get("metrics") or {}
-        names = ["dense", *sources]
         if {k: v for k, v in values.items() if k != "sparsity"} != reference:
             name = revision.get("name") or revision["rev"]
             log.info("sweep: skipping %s, whose params differ in more than sparsity", name)

@@ -8,6 +8,7 @@ import logging
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -36,23 +37,26 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def decoder_config(p: ToyParams, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """The config fields of a decoder shaped by ``p`` that any Llama-like family takes; vocab rounded up to 64."""
+    return {
+        "vocab_size": 64 * math.ceil(len(tokenizer) / 64),
+        "hidden_size": p.hidden_size,
+        "intermediate_size": p.intermediate_size,
+        "num_hidden_layers": p.num_layers,
+        "num_attention_heads": p.num_heads,
+        "num_key_value_heads": p.num_kv_heads,
+        "head_dim": p.hidden_size // p.num_heads,
+        "max_position_embeddings": p.max_len,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def build_model(p: ToyParams, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
-    """An untrained Qwen2 model shaped by ``p``; vocab rounded up to a multiple of 64."""
-    config = Qwen2Config(
-        vocab_size=64 * math.ceil(len(tokenizer) / 64),
-        hidden_size=p.hidden_size,
-        intermediate_size=p.intermediate_size,
-        num_hidden_layers=p.num_layers,
-        num_attention_heads=p.num_heads,
-        num_key_value_heads=p.num_kv_heads,
-        head_dim=p.hidden_size // p.num_heads,
-        max_position_embeddings=p.max_len,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
-    )
+    """An untrained Qwen2 model shaped by ``p``."""
+    config = Qwen2Config(**decoder_config(p, tokenizer), tie_word_embeddings=True, torch_dtype="float32")
     return Qwen2ForCausalLM(config)
 
 

@@ -2,7 +2,6 @@
 
 import copy
 import dataclasses
-import math
 import os
 import shutil
 import subprocess
@@ -82,19 +81,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
     tokenizer = toy.build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=64 * math.ceil(len(tokenizer) / 64),
-        hidden_size=TINY.hidden_size,
-        intermediate_size=TINY.intermediate_size,
-        num_hidden_layers=TINY.num_layers,
-        num_attention_heads=TINY.num_heads,
-        num_key_value_heads=TINY.num_kv_heads,
-        head_dim=TINY.hidden_size // TINY.num_heads,
-        max_position_embeddings=TINY.max_len,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = LlamaConfig(**toy.decoder_config(TINY, tokenizer))
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
