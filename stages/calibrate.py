@@ -9,9 +9,12 @@ on-policy chain of thought), ``offpolicy`` (prompt plus another model's chain of
 
 import itertools
 import logging
+import os
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from tqdm import tqdm
 
 from stages.errors import RacError
 from stages.models import bos_ids, encode_prompt, load_tokenizer, vocab_hash
@@ -68,22 +71,50 @@ def _rac(traces: Path, tokenizer_hash: str) -> Iterator[Sequence]:
 def take_budget(sequences: Iterator[Sequence], budget: int, source: str) -> list[Sequence]:
     """Whole sequences until ``budget`` tokens, the last one cut to fit exactly."""
     taken, total = [], 0
-    for ids, segment in sequences:
-        room = budget - total
-        taken.append((ids[:room], segment[:room]))
-        total += len(taken[-1][0])
-        if total == budget:
-            return taken
+    # disable=None: a bar on a terminal only, so errors stay one line in logs
+    with tqdm(total=budget, desc=f"calibrate {source}", unit="tok", unit_scale=True, disable=None) as bar:
+        for ids, segment in sequences:
+            room = budget - total
+            taken.append((ids[:room], segment[:room]))
+            total += len(taken[-1][0])
+            bar.update(len(taken[-1][0]))
+            if total == budget:
+                return taken
     raise RacError(
         f"calibrate.budget_tokens={budget} exceeds the {total} tokens available for source {source!r}; "
         "lower the budget, or raise rollout.n_prompts (rac) or use a larger calib_task (prompt)"
     )
 
 
+# Python lists of token ids and segments, then the Arrow table: about this many bytes per calibration token.
+BYTES_PER_TOKEN = 64
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable on Linux)."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(budget: int) -> None:
+    """Refuse up front a budget whose sequences cannot be held in memory (an endless source would run for hours)."""
+    need, have = budget * BYTES_PER_TOKEN, available_memory()
+    if need > have:
+        raise RacError(
+            f"calibrate.budget_tokens={budget} needs about {need / 2**30:.1f} GB in memory, more than the "
+            f"{have / 2**30:.1f} GB available; lower the budget"
+        )
+
+
 def run(p: Params, source: str, traces: Path, out: Path) -> None:
     """Write the calibration sequences of ``source`` to ``out``."""
     if source not in SOURCES:
         raise RacError(f"source {source!r} is unknown; choose one of {list(SOURCES)}")
+    check_memory(p.calibrate.budget_tokens)
     vocab = vocab_hash(load_tokenizer(p.model))
     streams = {
         "generic": lambda: _generic(p),

@@ -1,8 +1,14 @@
 """The ``rac`` command: one thin subcommand per pipeline stage; paths come from dvc.yaml."""
 
+import json
 import logging
+import signal
+import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
@@ -20,8 +26,19 @@ PARAMS_OPTION = click.option(
 )
 
 
+TIMINGS_OPTION = click.option(
+    "--timings",
+    type=click.Path(path_type=Path),
+    help="JSON file for this run's wall times (volatile, so kept out of the DVC outs).",
+)
+log = logging.getLogger("rac")
+
+
 class RacGroup(click.Group):
-    """Prints bad input (``RacError``) as one line and exits 2, leaving no traceback."""
+    """Prints bad input (``RacError``) as one line and exits 2; an interrupt (Ctrl-C, SIGTERM) exits 130.
+
+    Either way no traceback, and every writer's cleanup has run (artifacts are moved into place only whole).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -29,6 +46,27 @@ class RacGroup(click.Group):
         except RacError as err:
             click.echo(f"rac: error: {err}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("rac: interrupted; nothing half-written was left in place", err=True)
+            sys.exit(130)
+
+
+def _terminate(_signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so temporary files are removed."""
+    raise KeyboardInterrupt
+
+
+def _timed(stage: str, timings: Path | None, work: Callable[[], dict[str, float] | None]) -> None:
+    """Run ``work``; log its wall time and, with ``timings``, write it there with what ``work`` measured."""
+    start = time.perf_counter()
+    measured = work() or {}
+    seconds = time.perf_counter() - start
+    log.info("%s took %.1f s on %s", stage, seconds, socket.gethostname())
+    if timings is not None:
+        from stages.schemas import atomic_path
+
+        with atomic_path(timings) as tmp:
+            tmp.write_text(json.dumps({"stage_seconds": seconds, **measured}, indent=2) + "\n")
 
 
 @click.group(cls=RacGroup)
@@ -38,6 +76,7 @@ def main(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 def _params(path: Path) -> Params:
@@ -74,12 +113,13 @@ def toy_train(params_path: Path, out: Path) -> None:
 @PARAMS_OPTION
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Traces Parquet to write.")
 @click.option("--model", help="Sample from this model instead of `model` (off-policy traces).")
-def rollout(params_path: Path, out: Path, model: str | None) -> None:
+@TIMINGS_OPTION
+def rollout(params_path: Path, out: Path, model: str | None, timings: Path | None) -> None:
     """Sample chains of thought from the dense model (or --model) on calibration prompts."""
     from stages import rollout as stage
 
     p = _params(params_path)
-    stage.run(p, out, model or p.model)
+    _timed("rollout", timings, lambda: stage.run(p, out, model or p.model))
 
 
 @main.command()
@@ -99,18 +139,22 @@ def calibrate(params_path: Path, source: str, traces: Path, out: Path) -> None:
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration Parquet to read.")
 @click.option("--out", type=click.Path(path_type=Path), help="Zarr Hessian store to write.")
 @click.option("--world-size", type=int, default=1, show_default=True, help="Processes sharing the sequences.")
+@TIMINGS_OPTION
 @click.pass_context
-def hessians(ctx: click.Context, params_path: Path, calib: Path | None, out: Path | None, world_size: int) -> None:
+def hessians(
+    ctx: click.Context, params_path: Path, calib: Path | None, out: Path | None, world_size: int, timings: Path | None
+) -> None:
     """Accumulate per-layer X·Xᵀ sums (prompt and decode apart) over one source; or a subcommand."""
     if ctx.invoked_subcommand is not None:
         return
     if calib is None or out is None:
-        raise RacError("rac hessians needs --calib and --out (or a subcommand: info, merge)")
+        raise RacError("rac hessians needs --calib and --out (or a subcommand: info, verify, merge)")
     if world_size < 1:
         raise RacError(f"--world-size={world_size} must be >= 1")
     from stages import hessians as stage
 
-    stage.run(_params(params_path), calib, out, world_size)
+    p = _params(params_path)
+    _timed("hessians", timings, lambda: stage.run(p, calib, out, world_size))
 
 
 @hessians.command("info")
@@ -121,6 +165,15 @@ def hessians_info(params_path: Path, store: Path) -> None:
     from stages import inspect_store
 
     inspect_store.info(_params(params_path), store)
+
+
+@hessians.command("verify")
+@click.argument("store", type=click.Path(path_type=Path))
+def hessians_verify(store: Path) -> None:
+    """Hash every file of a store against its manifest (e.g. after copying it by hand)."""
+    from stages import inspect_store
+
+    inspect_store.verify(store)
 
 
 @hessians.command("merge")
@@ -138,22 +191,26 @@ def hessians_merge(params_path: Path, out: Path, stores: tuple[Path, ...]) -> No
 @PARAMS_OPTION
 @click.option("--hessians", "store", type=click.Path(path_type=Path), required=True, help="Hessian store to read.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Pruned model directory to write.")
-def prune(params_path: Path, store: Path, out: Path) -> None:
+@TIMINGS_OPTION
+def prune(params_path: Path, store: Path, out: Path, timings: Path | None) -> None:
     """Prune the dense model with ``pruner`` at ``sparsity`` on cached Hessians."""
     from stages import prune as stage
 
-    stage.run(_params(params_path), store, out)
+    p = _params(params_path)
+    _timed("prune", timings, lambda: stage.run(p, store, out))
 
 
 @main.command()
 @PARAMS_OPTION
 @click.option("--model", required=True, help="Model directory or hub id to evaluate.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for samples and metrics.")
-def evaluate(params_path: Path, model: str, out: Path) -> None:
+@TIMINGS_OPTION
+def evaluate(params_path: Path, model: str, out: Path, timings: Path | None) -> None:
     """Generate on held-out problems, grade, and write samples and metrics."""
     from stages import evaluate as stage
 
-    stage.run(_params(params_path), model, out)
+    p = _params(params_path)
+    _timed("evaluate", timings, lambda: stage.run(p, model, out))
 
 
 @main.command()
@@ -182,3 +239,13 @@ def report(params_path: Path, evaluations: Path | None, experiments: bool, out: 
         stage.run_experiments(_params(params_path), out)
     else:
         stage.run(_params(params_path), evaluations, out)
+
+
+@main.command()
+@click.option("--root", type=click.Path(path_type=Path), help="Project folder (default: the repository of the cwd).")
+@click.option("--dry-run", is_flag=True, help="List what would be removed, and remove nothing.")
+def clean(root: Path | None, dry_run: bool) -> None:
+    """Remove partial Hessian builds and temporary artifacts left by killed runs (running ones are kept)."""
+    from stages import workspace
+
+    workspace.clean(root or workspace.repo_root(Path.cwd()), dry_run)

@@ -1,6 +1,7 @@
 """Reads: a model directory (dense or pruned), params ``task``, ``evaluate``.
 Writes: ``samples.parquet`` (``schemas.SAMPLES``) and ``metrics.json`` (accuracy ± SE, pass@k, CoT length
-mean/median/p90, fraction that hit the max length, wall seconds, generated tokens/s).
+mean/median/p90, fraction that hit the max length); returns the volatile wall seconds and generated tokens/s,
+which the CLI writes to ``--timings`` (outside the DVC outs, so they stay pure functions of their inputs).
 """
 
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.generation import generate
-from stages.models import check_model_ref, encode_prompt, load_tokenizer
+from stages.models import encode_prompt, load_tokenizer
 from stages.params import Params
 from stages.schemas import SAMPLES, atomic_path, generation_columns, write_parquet
 from stages.tasks import get_task
@@ -25,9 +26,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def metrics(correct: list[list[bool]], lengths: list[int], hit_max: list[bool], wall_s: float) -> dict[str, float]:
+def metrics(correct: list[list[bool]], lengths: list[int], hit_max: list[bool]) -> dict[str, float]:
     """Accuracy (acc@1 averaged over each problem's samples) ± its standard error over problems, pass@k for
-    k = 1, 2, 4, … up to the samples per problem, CoT length statistics, rambling fraction and speed.
+    k = 1, 2, 4, … up to the samples per problem, CoT length statistics and the rambling fraction.
 
     ``correct`` holds one list of samples per problem; ``lengths`` and ``hit_max`` one entry per sample.
     """
@@ -42,18 +43,15 @@ def metrics(correct: list[list[bool]], lengths: list[int], hit_max: list[bool], 
         "median_cot_tokens": float(np.median(lengths)),
         "p90_cot_tokens": float(np.percentile(lengths, 90)),
         "frac_hit_max": sum(hit_max) / len(hit_max),
-        "wall_seconds": wall_s,
-        "tokens_per_second": sum(lengths) / wall_s,
         "n_problems": len(correct),
         "samples_per_problem": n_samples,
     }
 
 
-def run(p: Params, model: str, out: Path) -> None:
+def run(p: Params, model: str, out: Path) -> dict[str, float]:
     """Sample ``evaluate.samples_per_problem`` completions on each of ``evaluate.n_problems`` held-out problems
-    with ``model``, grade them, and write ``out``."""
+    with ``model``, grade them, and write ``out``; return the generation's wall seconds and tokens/s."""
     task, s = get_task(p.task, p.benchmarks), p.evaluate
-    check_model_ref(model)
     tokenizer = load_tokenizer(model)
     problems = task.problems(s.n_problems, s.seed)
     prompts = [encode_prompt(tokenizer, pr.prompt) for pr in problems]
@@ -80,9 +78,10 @@ def run(p: Params, model: str, out: Path) -> None:
         [[r["correct"] for r in rows[i : i + k]] for i in range(0, len(rows), k)],
         [r["n_completion_tokens"] for r in rows],
         [r["finish_reason"] == "length" for r in rows],
-        wall_s,
     )
     write_parquet(rows, SAMPLES, out / "samples.parquet", {"model": model, "task": p.task, "seed": s.seed})
     with atomic_path(out / "metrics.json") as tmp:  # last, so metrics never describe stale samples
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     log.info("evaluate %s: accuracy %.3f, mean CoT %.1f tokens", model, result["accuracy"], result["mean_cot_tokens"])
+    n_generated = sum(r["n_completion_tokens"] for r in rows)
+    return {"wall_seconds": wall_s, "tokens_per_second": n_generated / wall_s}

@@ -1,12 +1,14 @@
 """Reads: calibration Parquet of one source, the dense model, params ``model``, ``hessians``.
-Writes: the Hessian store (``schemas.HessianWriter``): per decoder layer and input group, the
+Writes: the Hessian store (``store.HessianWriter``): per decoder layer and input group, the
 prompt and decode sums of x·xᵀ with their token counts.
 
 Memory is bounded by windows of consecutive decoder layers whose fp32 sums fit in
 ``hessians.max_memory_gb``: each window is a pass over the calibration set that stops after the
-window's last layer, and is written (and recorded) before the next one starts. The partial build
-lives in ``.rac/partial/<hash of the inputs>/``, outside DVC's outs, so a killed run resumes at
-the first unfinished window. Sequences can be sharded over processes (``--world-size`` with gloo,
+window's last layer, and is written (and recorded with the digests of its files) before the next one
+starts. The partial build lives in ``<repo>/.rac/partial/<hash of the inputs>/``, outside DVC's outs,
+under a lock; a killed run resumes at the first window whose files do not verify. A failed build
+removes its partial build; an interrupted one keeps it for the rerun (``rac clean`` lists and removes
+those left behind). Sequences can be sharded over processes (``--world-size`` with gloo,
 or ``torchrun``); the sums are all-reduced per window, which the sum-plus-count contract makes exact
 up to fp32 summation order.
 
@@ -19,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,11 +40,11 @@ from stages.models import (
     load_tokenizer,
 )
 from stages.params import Params
-from stages.schemas import CALIBRATION, SEGMENT_IDS, HessianWriter, atomic_path, read_parquet
+from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
+from stages.store import Digests, HessianWriter
+from stages.workspace import build_lock, partial_root, remove_build
 
 log = logging.getLogger(__name__)
-
-PARTIAL_ROOT = Path(".rac/partial")
 
 
 class Accumulator:
@@ -148,11 +149,12 @@ def collect(
     return accumulators
 
 
-def partial_dir(calib: Path, p: Params, model_fingerprint: str) -> Path:
-    """Where a build of these inputs keeps its finished windows, keyed by a hash of the inputs."""
+def partial_dir(calib: Path, p: Params, model_fingerprint: str, out: Path) -> Path:
+    """Where a build of these inputs keeps its finished windows: the repository's partial root, keyed by a hash
+    of the calibration bytes, the model and the hessians params."""
     h = hashlib.sha256(Path(calib).read_bytes())
     h.update(json.dumps([p.model, model_fingerprint, vars(p.hessians)], sort_keys=True).encode())
-    return PARTIAL_ROOT / h.hexdigest()[:16]
+    return partial_root(out) / h.hexdigest()[:16]
 
 
 def _all_reduce(accumulators: dict[tuple[int, str], tuple[list[str], Accumulator]]) -> None:
@@ -164,61 +166,109 @@ def _all_reduce(accumulators: dict[tuple[int, str], tuple[list[str], Accumulator
         acc.n = {s: int(c) for s, c in zip(SEGMENT_IDS, counts.tolist(), strict=True)}
 
 
+def check_token_ids(ids: list[list[int]], vocab_size: int, calib: Path) -> None:
+    """Every token id indexes the model's embedding table; else a one-line error before any forward pass."""
+    top = max(max(seq) for seq in ids)
+    if top >= vocab_size:
+        raise RacError(
+            f"calibration {str(calib)!r} has token id {top}, outside the model's {vocab_size} embeddings; "
+            "it was built for another model: rerun calibrate with this `model`"
+        )
+
+
+def _trusted_record(writer: HessianWriter, progress: Path, n_windows: int) -> dict[str, Digests]:
+    """The recorded windows whose files are on disk with their digests; a record that does not verify is redone."""
+    if not progress.is_file():
+        return {}
+    try:
+        record = json.loads(progress.read_text())["windows"]
+        trusted = {w: files for w, files in record.items() if int(w) < n_windows and files and writer.verify(files)}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning("unreadable progress record %s (%s): rebuilding every window", progress, err)
+        return {}
+    if len(trusted) < len(record):
+        log.warning(
+            "%d recorded window(s) in %s fail verification: rebuilding them", len(record) - len(trusted), progress
+        )
+    return trusted
+
+
 def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> None:
     """Accumulate the store at ``out``; with ``world_size`` > 1, this rank takes sequences rank::world_size."""
     table, meta = read_parquet(calib, CALIBRATION, "calibration")
     ids, segments = table["token_ids"].to_pylist(), table["segment"].to_pylist()
+    if not ids:
+        raise RacError(f"calibration {str(calib)!r} has no sequences; rerun calibrate")
     if world_size > len(ids):
         raise RacError(
             f"world size {world_size} exceeds the {len(ids)} calibration sequences of {str(calib)!r}; use fewer ranks"
         )
+    n_tokens = {s: sum(seg.count(i) for seg in segments) for s, i in SEGMENT_IDS.items()}
     tokenizer = load_tokenizer(p.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = compute_device() if world_size == 1 or not torch.cuda.is_available() else torch.device("cuda", rank)
     model = load_model(p.model, device)
+    check_token_ids(ids, model.get_input_embeddings().num_embeddings, calib)
     model_fingerprint = fingerprint(p.model)
     layers = decoder_layers(model)
     groups = linear_groups(model)
     dims = {(g.layer, g.name): layers[g.layer].get_submodule(g.name).in_features for g in groups}
     windows = plan_windows(groups, dims, p.hessians.max_memory_gb * 2**30)
-    work = partial_dir(calib, p, model_fingerprint)
-    progress = work / "progress.json"
-    done: list[int] = json.loads(progress.read_text()) if progress.is_file() else []
-    if done:
-        log.info("resuming %s: windows %s of %d already written", work, done, len(windows))
-    writer = (
-        HessianWriter(
-            out,
-            model_id=p.model,
-            fingerprint=model_fingerprint,
-            source=meta.get("source", "?"),
-            chunk=p.hessians.chunk,
-            build=work / "store.zarr",
-        )
-        if rank == 0
-        else None
-    )
-    for w, window in enumerate(windows):
-        if w in done:
-            continue
-        accumulators = collect(
-            model, ids[rank::world_size], segments[rank::world_size], p.hessians.batch_tokens, pad, window
-        )
-        if world_size > 1:
-            _all_reduce(accumulators)
-        if writer is not None:
-            for (layer, name), (members, acc) in accumulators.items():
-                writer.write_group(layer, name, members, {s: x.cpu().numpy() for s, x in acc.xtx.items()}, acc.n)
-            done.append(w)
-            with atomic_path(progress) as tmp:  # recorded only once the window's arrays are on disk
-                tmp.write_text(json.dumps(done))
-        del accumulators  # before the next window allocates: one window's sums alive at a time
-        if world_size > 1:
-            dist.barrier()
-    if writer is not None:
-        writer.finish()
-        shutil.rmtree(work, ignore_errors=True)
-        log.info("hessians %s: %d groups in %d windows", meta.get("source"), len(groups), len(windows))
+    work = partial_dir(calib, p, model_fingerprint, out)
+    with build_lock(work) if rank == 0 else contextlib.nullcontext():
+        try:
+            writer = None
+            record: dict[str, Digests] = {}
+            done: list[int] = []
+            if rank == 0:
+                writer = HessianWriter(
+                    work / "store.zarr",
+                    model_id=p.model,
+                    fingerprint=model_fingerprint,
+                    source=str(meta.get("source", "?")),
+                    chunk=p.hessians.chunk,
+                    n_tokens=n_tokens,
+                    groups=groups,
+                )
+                record = _trusted_record(writer, work / "progress.json", len(windows))
+                done = sorted(int(w) for w in record)
+            if world_size > 1:
+                shared = [done]
+                dist.broadcast_object_list(shared, src=0)
+                done = shared[0]
+            if done:
+                log.info("resuming %s: windows %s of %d verified on disk", work, done, len(windows))
+            for w, window in enumerate(windows):
+                if w in done:
+                    continue
+                accumulators = collect(
+                    model, ids[rank::world_size], segments[rank::world_size], p.hessians.batch_tokens, pad, window
+                )
+                if world_size > 1:
+                    _all_reduce(accumulators)
+                if writer is not None:
+                    for (layer, name), (members, acc) in accumulators.items():
+                        xtx = {s: x.cpu().numpy() for s, x in acc.xtx.items()}
+                        writer.write_group(layer, name, members, xtx, acc.n)
+                    record[str(w)] = writer.digest_layers(window)
+                    with atomic_path(work / "progress.json") as tmp:  # only once the window's files are on disk
+                        tmp.write_text(json.dumps({"windows": record}))
+                del accumulators  # before the next window allocates: one window's sums alive at a time
+                if world_size > 1:
+                    dist.barrier()
+            if writer is not None:
+                writer.seal()
+                writer.publish(out)
+                remove_build(work)
+                log.info("hessians %s: %d groups in %d windows", meta.get("source"), len(groups), len(windows))
+        except KeyboardInterrupt:
+            if rank == 0:
+                log.warning("interrupted: %s is kept, so a rerun resumes; `rac clean` removes it", work)
+            raise
+        except BaseException:
+            if rank == 0:  # a failed build removes its own partial build; an interrupted one keeps it (above)
+                remove_build(work)
+            raise
 
 
 def _worker(rank: int, world_size: int, init_file: str, p: Params, calib: Path, out: Path) -> None:

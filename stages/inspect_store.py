@@ -1,4 +1,4 @@
-"""``rac hessians info`` and ``rac hessians merge``: read complete Hessian stores; merge writes a new one."""
+"""``rac hessians info``, ``verify`` and ``merge``: read complete Hessian stores; merge writes a new one."""
 
 import logging
 from pathlib import Path
@@ -8,8 +8,9 @@ import torch
 
 from stages.errors import RacError
 from stages.params import Params
-from stages.schemas import SEGMENT_IDS, HessianStore, HessianWriter
+from stages.schemas import SEGMENT_IDS, tmp_sibling
 from stages.solvers import hessian_from_sums
+from stages.store import HessianStore, HessianWriter
 
 log = logging.getLogger(__name__)
 
@@ -42,38 +43,43 @@ def info(p: Params, path: Path) -> None:
     print(f"total {total / 2**20:.2f} MB on disk in {files} files")
 
 
+def verify(path: Path) -> None:
+    """Hash every file of the store at ``path`` against its manifest; a one-line error names a damaged file."""
+    store = HessianStore(path, None)
+    store.verify()
+    print(f"{path}: {len(store.files)} files match the manifest ({len(store.specs)} groups, tokens {store.n_tokens})")
+
+
 def merge(p: Params, paths: list[Path], out: Path) -> None:
     """Add the sums and counts of ``paths`` (complete stores of one model and source) into ``out``."""
-    stores = [HessianStore(path, None) for path in paths]
-    first = stores[0].attrs
+    first = HessianStore(paths[0], None)
+    stores = [first] + [HessianStore(path, first.attrs["model_fingerprint"], first.specs) for path in paths[1:]]
     for store in stores[1:]:
-        for key in ("model_fingerprint", "source"):
-            if store.attrs[key] != first[key]:
-                raise RacError(
-                    f"cannot merge {str(store.path)!r} ({key}={store.attrs[key]!r}) with "
-                    f"{str(stores[0].path)!r} ({key}={first[key]!r}); merge shards of one model and source"
-                )
-    groups = stores[0].groups()
+        if store.attrs["source"] != first.attrs["source"]:
+            raise RacError(
+                f"cannot merge {str(store.path)!r} (source={store.attrs['source']!r}) with "
+                f"{str(first.path)!r} (source={first.attrs['source']!r}); merge shards of one model and source"
+            )
     writer = HessianWriter(
-        out,
-        model_id=first["model_id"],
-        fingerprint=first["model_fingerprint"],
-        source=first["source"],
+        tmp_sibling(out),
+        model_id=first.attrs["model_id"],
+        fingerprint=first.attrs["model_fingerprint"],
+        source=first.attrs["source"],
         chunk=p.hessians.chunk,
+        n_tokens={s: sum(store.n_tokens[s] for store in stores) for s in SEGMENT_IDS},
+        groups=first.specs,
     )
     try:
-        for g in groups:
-            xtx = {s: np.zeros_like(x) for s, x in stores[0].sums(g).items()}
+        for g in first.groups():
+            xtx = {s: np.zeros_like(x) for s, x in first.sums(g).items()}
             counts = dict.fromkeys(SEGMENT_IDS, 0)
             for store in stores:
-                match = [h for h in store.groups() if h.key == g.key]
-                if not match:
-                    raise RacError(f"{str(store.path)!r} lacks group {g.key!r}; merge stores of the same model")
-                for s, x in store.sums(match[0]).items():
+                for s, x in store.sums(g).items():
                     xtx[s] += x
-                    counts[s] += match[0].n_tokens[s]
+                    counts[s] += store.n_tokens[s]
             writer.write_group(g.layer, g.name, g.members, xtx, counts)
-        writer.finish()
+        writer.seal()
+        writer.publish(out)
     except BaseException:
         writer.abort()
         raise

@@ -5,6 +5,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download
@@ -22,47 +23,135 @@ from stages.errors import RacError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 THINK = "<think>"
+FIX_SAVE = "re-save it with save_pretrained (model and tokenizer), or point `model` at a whole model directory"
 
 
-def check_model_ref(model: str) -> str:
-    """``model`` if it is an existing directory or looks like a hub id; else a one-line error."""
-    if model and Path(model).is_dir():
-        return model
-    if Path(model).exists() or not _HUB_ID.match(model) or model.startswith(("data/", "./", "../")):
-        raise RacError(f"model path {model!r} is not a model directory; set `model` in params.yaml to a dir or hub id")
-    return model
+def looks_local(model: str) -> bool:
+    """A path rather than a hub id: not of the form owner/name, or its first part exists here (``data/x``)."""
+    return not _HUB_ID.match(model) or model.startswith((".", "/", "~")) or Path(model.split("/")[0]).exists()
+
+
+def model_dir(model: str) -> Path:
+    """The checked local directory of ``model``: itself, or its hub snapshot; every broken state is one line.
+
+    The one reader of model directories: every stage goes through it before loading anything.
+    """
+    path = _locate(model)
+    check_model_dir(path)
+    return path
+
+
+def _locate(model: str) -> Path:
+    """The local directory of ``model``: itself if it is a path, else its hub snapshot (config, weights, tokenizer)."""
+    if not model:
+        raise RacError("model is empty; set `model` in params.yaml to a model directory or a hub id")
+    path = Path(model).expanduser()
+    if not path.exists() and not looks_local(model):
+        try:
+            path = Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RacError(
+                f"model {model!r} is not a local directory and the hub did not serve it ({first}); "
+                "check the path or hub id, or download it first"
+            ) from err
+    _require_dir(path)
+    return path
+
+
+def _require_dir(path: Path) -> None:
+    if not path.is_dir():
+        what = (
+            "is a file, not a directory; point `model` at the folder that holds config.json"
+            if path.exists()
+            else "does not exist; set `model` in params.yaml to a model directory or a hub id"
+        )
+        raise RacError(f"model directory {str(path)!r} {what}")
+
+
+def check_model_dir(path: Path) -> None:
+    """``path`` holds a loadable config, whole safetensors weights and a tokenizer; else a one-line error."""
+    where = f"model directory {str(path)!r}"
+    _require_dir(path)
+    config = _read_json(path / "config.json", where)
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise RacError(f"{where}: config.json has no model_type; {FIX_SAVE}")
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RacError(f"{where}: config.json does not load ({str(err).splitlines()[0]}); {FIX_SAVE}") from err
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise RacError(f"{where} has no *.safetensors weights; {FIX_SAVE}")
+    for file in weights:
+        _check_safetensors(file)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index, where)
+        shards = set(weight_map.get("weight_map", {}).values()) if isinstance(weight_map, dict) else set()
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise RacError(f"{where} lacks weight shards {missing[:3]} named by its index; download them again")
+    _read_json(path / "tokenizer.json", where)
+
+
+def _read_json(file: Path, where: str) -> Any:
+    if not file.is_file():
+        raise RacError(f"{where} has no {file.name}; {FIX_SAVE}")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RacError(f"{where}: {file.name} is not valid JSON ({err}); {FIX_SAVE}") from err
+
+
+def _check_safetensors(file: Path) -> None:
+    """The header parses and every tensor's bytes lie inside the file (a truncated download does not)."""
+    size = file.stat().st_size
+    broken = f"weights {str(file)!r} are truncated or not safetensors"
+    with file.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise RacError(f"{broken} ({size} bytes); {FIX_SAVE}")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RacError(f"{broken} (header: {err}); {FIX_SAVE}") from err
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    if 8 + n + max(ends, default=0) > size:
+        raise RacError(f"{broken}: tensors need {8 + n + max(ends)} bytes, the file has {size}; {FIX_SAVE}")
 
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    """The tokenizer saved with ``model``."""
+    """The tokenizer saved with ``model`` (its directory needs tokenizer.json, not weights)."""
+    directory = _locate(model)
+    _read_json(directory / "tokenizer.json", f"model directory {str(directory)!r}")
     try:
         # Not AutoTokenizer: transformers 5 picks the tokenizer class from config.json's model_type
         # (Qwen2Tokenizer for a qwen2 model), whose byte-level pre-tokenizer would override the
         # saved tokenizer.json and drop the character tokenizer's spaces and newlines.
-        return PreTrainedTokenizerFast.from_pretrained(model_dir(model))
-    except OSError as err:
-        raise RacError(f"cannot load a tokenizer from model {model!r}: {err}".splitlines()[0]) from err
+        return PreTrainedTokenizerFast.from_pretrained(directory)
+    except Exception as err:  # the tokenizers library raises plain Exception for a malformed tokenizer.json
+        raise RacError(f"cannot load the tokenizer of model {model!r}: {err}".splitlines()[0]) from err
 
 
 def load_model(model: str, device: torch.device) -> PreTrainedModel:
-    """``model`` in float32 on ``device``, in eval mode."""
+    """``model`` in float32 on ``device``, in eval mode; every weight must come from the checkpoint."""
+    directory = model_dir(model)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(check_model_ref(model), dtype=torch.float32)
-    except OSError as err:
-        raise RacError(f"cannot load model {model!r}: {err}".splitlines()[0]) from err
+        loaded, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise RacError(f"cannot load model {model!r}: {err}".splitlines()[0] + f"; {FIX_SAVE}") from err
+    # transformers initialises absent or mis-shaped weights at random with only a log line: refuse that.
+    absent = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+    if absent:
+        raise RacError(f"model {model!r} lacks weights {absent[:3]} ({len(absent)} in all); {FIX_SAVE}")
     return loaded.to(device).eval()
 
 
 def compute_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def model_dir(model: str) -> Path:
-    """The local directory of ``model``: itself, or the hub snapshot of its config and weights."""
-    if Path(check_model_ref(model)).is_dir():
-        return Path(model)
-    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
 
 
 def fingerprint(model: str) -> str:

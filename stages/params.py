@@ -4,14 +4,16 @@ Each stage reads the top-level keys it needs and its own section. Every field is
 here, so a default can never be written twice.
 """
 
+import math
 import types
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
-from ruamel.yaml import YAML
+from ruamel.yaml import YAML, YAMLError
 
 from stages.errors import RacError
+from stages.models import check_model_dir, looks_local
 from stages.schemas import atomic_path
 from stages.selection import SCOPES, check_layers
 from stages.solvers import KERNELS, get_solver, parse_pattern
@@ -24,6 +26,30 @@ SEGMENTS = ("prompt", "decode")
 T = TypeVar("T")
 
 
+def _check_type(value: Any, hint: Any, name: str) -> None:
+    """``value`` is of type ``hint`` (X | None, dict[K, V] and list[X] looked into); floats are finite."""
+    if isinstance(hint, types.UnionType):  # X | None: None passes, anything else must be an X
+        if value is None:
+            return
+        hint = next(t for t in get_args(hint) if t is not type(None))
+    expected = get_origin(hint) or hint
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if not isinstance(value, expected) or (expected in (int, float) and isinstance(value, bool)):
+        raise RacError(f"params {name}={value!r} must be of type {expected.__name__}")
+    if expected is float and not math.isfinite(value):
+        raise RacError(f"params {name}={value!r} must be a finite number")
+    if expected is dict:
+        key_type, value_type = get_args(hint)
+        for key, item in value.items():
+            _check_type(key, key_type, f"{name} key")
+            _check_type(item, value_type, f"{name}.{key}")
+    elif expected is list:
+        (item_type,) = get_args(hint)
+        for i, item in enumerate(value):
+            _check_type(item, item_type, f"{name}[{i}]")
+
+
 def _section(cls: type[T], raw: dict[str, Any], name: str) -> T:
     """Build dataclass ``cls`` from ``raw``, naming missing or unknown keys of ``name``."""
     if not isinstance(raw, dict):
@@ -33,19 +59,10 @@ def _section(cls: type[T], raw: dict[str, Any], name: str) -> T:
     if missing:
         raise RacError(f"params {name!r} lacks {sorted(missing)}; add them to params.yaml")
     if unknown:
-        raise RacError(f"params {name!r} has unknown keys {sorted(unknown)}; remove them or fix the spelling")
+        raise RacError(f"params {name!r} has unknown keys {sorted(map(str, unknown))}; remove them or fix the spelling")
     hints = get_type_hints(cls)
     for key, value in raw.items():
-        hint = hints[key]
-        if isinstance(hint, types.UnionType):  # X | None: None passes, anything else must be an X
-            if value is None:
-                continue
-            hint = next(t for t in get_args(hint) if t is not type(None))
-        expected = get_origin(hint) or hint
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise RacError(f"params {name}.{key}={value!r} must be of type {expected.__name__}")
+        _check_type(value, hints[key], key if name == "top level" else f"{name}.{key}")
     obj = cls(**raw)
     check = getattr(obj, "check", None)
     if check is not None:
@@ -166,6 +183,8 @@ class CalibrateParams:
 
     def check(self) -> None:
         _positive("calibrate.budget_tokens", self.budget_tokens)
+        if self.budget_tokens >= 2**31:  # Parquet list offsets are int32
+            raise RacError(f"calibrate.budget_tokens={self.budget_tokens!r} must be below 2**31 tokens")
         if self.generic_seq_len < 2:
             raise RacError(f"calibrate.generic_seq_len={self.generic_seq_len!r} leaves no room after BOS; use >= 2")
 
@@ -203,7 +222,8 @@ class PruneParams:
         for spec in (self.layers, *self.overrides):
             check_layers(spec)
         _positive("prune.block_size", self.block_size)
-        _positive("prune.damp", self.damp)
+        if not 0 < self.damp <= 1:
+            raise RacError(f"prune.damp={self.damp!r} must be in (0, 1]: a fraction of mean(diag H), 0.01 is usual")
         if set(self.mix) != set(SEGMENTS):
             raise RacError(f"prune.mix={self.mix!r} must give a weight to each of {list(SEGMENTS)}")
         if any(w < 0 for w in self.mix.values()) or not any(w > 0 for w in self.mix.values()):
@@ -269,19 +289,44 @@ def _overlay(base: dict[str, Any], preset: dict[str, Any], where: str) -> None:
             base[key] = value
 
 
+def _read_yaml(path: Path, what: str, yaml: YAML) -> Any:
+    """Parse ``path`` with ``yaml``; syntax errors and duplicate keys are one line naming the line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RacError(f"{what} {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+    try:
+        return yaml.load(text)
+    except YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "an unknown place"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RacError(f"{what} {str(path)!r}: {problem} at {where}; fix the YAML there") from err
+
+
+def _safe_yaml() -> YAML:
+    # YAML 1.2, as DVC writes it: `-S prune.pattern=2:4` stays the string "2:4" (YAML 1.1 reads 124).
+    # Duplicate keys (as `echo 'sparsity: 0.5' >> params.yaml` makes) are errors, not a silent last-wins.
+    return YAML(typ="safe", pure=True)
+
+
 def apply_preset(params_path: Path, preset_path: Path) -> Params:
     """Merge the keys of ``preset_path`` into ``params_path``, keeping its comments; validated, then written."""
     if not preset_path.is_file():
         raise RacError(f"preset {str(preset_path)!r} does not exist; see presets/ for the shipped ones")
-    preset = YAML(typ="safe", pure=True).load(preset_path.read_text())
+    preset = _read_yaml(preset_path, "preset", _safe_yaml())
     if not isinstance(preset, dict):
         raise RacError(f"preset {str(preset_path)!r} must hold a mapping of params.yaml keys")
+    if isinstance(preset.get("model"), str) and looks_local(preset["model"]):
+        check_model_dir(Path(preset["model"]))  # a local model must exist and be whole; hub ids load later
     yaml = YAML()  # round trip: params.yaml keeps its comments and order
     yaml.preserve_quotes = True
     yaml.representer.add_representer(
         type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
     )  # `key: null`, as written, rather than `key:`
-    raw = yaml.load(_existing(params_path).read_text())
+    raw = _read_yaml(_existing(params_path), "params file", yaml)
+    if not isinstance(raw, dict):
+        raise RacError(f"params file {str(params_path)!r} must hold a mapping")
     _overlay(raw, preset, "")
     with atomic_path(params_path) as tmp:
         with tmp.open("w") as f:
@@ -298,9 +343,9 @@ def _existing(path: Path) -> Path:
 
 def load_params(path: Path) -> Params:
     """Read and validate params.yaml at ``path``."""
-    _existing(path)
-    # YAML 1.2, as DVC writes it: `-S prune.pattern=2:4` stays the string "2:4" (YAML 1.1 reads 124).
-    raw = YAML(typ="safe", pure=True).load(path.read_text()) or {}
+    raw = _read_yaml(_existing(path), "params file", _safe_yaml())
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise RacError(f"params file {str(path)!r} must hold a mapping")
     sections = {name: _section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}

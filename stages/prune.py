@@ -1,6 +1,7 @@
 """Reads: a Hessian store, the dense model, params ``model``, ``sparsity``, ``pruner``, ``prune``.
 Writes: a pruned HF model directory (safetensors, config, tokenizer) with ``report.json``
-(per-layer loss, achieved sparsity, damping used, seconds).
+(per-layer loss, achieved sparsity, damping used); returns the solver seconds, which the CLI writes to
+``--timings`` outside the out, so that identical weights give an identical directory.
 """
 
 import json
@@ -15,11 +16,20 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from stages.errors import RacError
-from stages.models import compute_device, decoder_layers, fingerprint, load_model, load_tokenizer, model_dir
+from stages.models import (
+    compute_device,
+    decoder_layers,
+    fingerprint,
+    linear_groups,
+    load_model,
+    load_tokenizer,
+    model_dir,
+)
 from stages.params import Params
-from stages.schemas import HessianStore, atomic_path
+from stages.schemas import atomic_path
 from stages.selection import in_scope, layer_sparsities
 from stages.solvers import get_solver, hessian_from_sums
+from stages.store import HessianStore
 
 log = logging.getLogger(__name__)
 
@@ -34,41 +44,48 @@ def resolve_kernel(kernel: str) -> str:
 
 
 @torch.no_grad()
-def run(p: Params, hessians: Path, out: Path) -> None:
-    """Prune the selected linears of the decoder layers with ``p.pruner`` on the cached Hessians."""
+def run(p: Params, hessians: Path, out: Path) -> dict[str, float]:
+    """Prune the selected linears of every decoder layer with ``p.pruner`` on the cached Hessians; return the
+    seconds spent in the solver."""
     solver = get_solver(p.pruner)
     kernel = resolve_kernel(p.prune.kernel)
     store = HessianStore(hessians, fingerprint(p.model))
     device = compute_device()
     model = load_model(p.model, device)
+    store.require_groups(linear_groups(model))  # else a layer missing from the store would stay dense, unreported
     layers = decoder_layers(model)
     targets = layer_sparsities(p.sparsity, p.prune.scope, p.prune.layers, p.prune.overrides, len(layers))
     rows = []
+    solver_seconds = 0.0
     for group in tqdm(store.groups(), desc=f"prune ({p.pruner})", unit="group"):
         members = {m: targets[group.layer] if in_scope(m, p.prune.scope) else 0.0 for m in group.members}
         if any(members.values()):
-            sums = store.sums(group)
-            H = hessian_from_sums(
-                {s: torch.from_numpy(x).to(device) for s, x in sums.items()}, group.n_tokens, p.prune.mix
-            )  # [in, in]
+            sums = {s: torch.from_numpy(x).to(device) for s, x in store.sums(group).items()}
+            try:
+                H = hessian_from_sums(sums, group.n_tokens, p.prune.mix)  # [in, in]
+            except ValueError as err:
+                raise RacError(f"prune.mix on {str(hessians)!r}: {err}") from err
         for member, target in members.items():
             linear = layers[group.layer].get_submodule(member)
             row = {"layer": group.layer, "module": member, "shape": list(linear.weight.shape), "target": target}
             if target == 0:
                 sparsity = float((linear.weight == 0).float().mean())
-                rows.append(row | {"loss": 0.0, "sparsity": sparsity, "damp_used": 0.0, "seconds": 0.0})
+                rows.append(row | {"loss": 0.0, "sparsity": sparsity, "damp_used": 0.0})
                 continue
             start = time.perf_counter()
-            result = solver(
-                linear.weight.data,
-                H,
-                sparsity=target,
-                pattern=p.prune.pattern,
-                block_size=p.prune.block_size,
-                damp=p.prune.damp,
-                kernel=kernel,
-            )
-            seconds = time.perf_counter() - start
+            try:
+                result = solver(
+                    linear.weight.data,
+                    H,
+                    sparsity=target,
+                    pattern=p.prune.pattern,
+                    block_size=p.prune.block_size,
+                    damp=p.prune.damp,
+                    kernel=kernel,
+                )
+            except ValueError as err:
+                raise RacError(f"layer {group.layer} {member}: {err}; raise prune.damp or rebuild the store") from err
+            solver_seconds += time.perf_counter() - start
             if result.damp_used > p.prune.damp:
                 log.warning(
                     "layer %d %s: Cholesky failed at damp=%g; used damp=%g",
@@ -79,9 +96,7 @@ def run(p: Params, hessians: Path, out: Path) -> None:
                 )
             linear.weight.data.copy_(result.weight)
             sparsity = float((result.weight == 0).float().mean())
-            rows.append(
-                row | {"loss": result.loss, "sparsity": sparsity, "damp_used": result.damp_used, "seconds": seconds}
-            )
+            rows.append(row | {"loss": result.loss, "sparsity": sparsity, "damp_used": result.damp_used})
     numel = [math.prod(r["shape"]) for r in rows]
     pruned = [(r, n) for r, n in zip(rows, numel, strict=True) if r["target"] > 0]
     report = {
@@ -107,3 +122,4 @@ def run(p: Params, hessians: Path, out: Path) -> None:
         load_tokenizer(p.model).save_pretrained(tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("pruned %s: achieved sparsity %.4f over %d linears", out, report["achieved_sparsity"], len(rows))
+    return {"solver_seconds": solver_seconds}

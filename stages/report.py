@@ -1,7 +1,8 @@
 """Reads: ``metrics.json`` of every evaluated model. Writes: ``table.md`` (dense vs. each
 calibration source), ``summary.csv`` (the data behind the dvc plots) and ``summary.png``.
 
-With ``--experiments`` it reads ``dvc exp show --json`` instead and writes the sparsity sweep:
+The stage's outs hold no wall times, so they are pure functions of the metrics. With ``--experiments`` it
+reads ``dvc exp show --json`` instead (metrics and the ``data/timings`` files) and writes the sparsity sweep:
 ``table.md`` (the paper's table 1: rows sparsity, columns source, accuracy ± SE and evaluation time;
 then mean CoT length and rambling), ``sweep.csv`` (behind the dvc plots) and ``figure1.png``.
 """
@@ -25,7 +26,7 @@ from stages.schemas import atomic_path
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("accuracy", "accuracy_se", "mean_cot_tokens", "p90_cot_tokens", "frac_hit_max", "wall_seconds")
+COLUMNS = ("accuracy", "accuracy_se", "mean_cot_tokens", "p90_cot_tokens", "frac_hit_max")
 
 
 def load_metrics(evaluations: Path, names: list[str]) -> dict[str, dict[str, float]]:
@@ -35,7 +36,10 @@ def load_metrics(evaluations: Path, names: list[str]) -> dict[str, dict[str, flo
         path = evaluations / name / "metrics.json"
         if not path.is_file():
             raise RacError(f"{str(path)!r} does not exist; run `dvc repro` to evaluate {name!r} first")
-        out[name] = json.loads(path.read_text())
+        try:
+            out[name] = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RacError(f"{str(path)!r} is not valid JSON ({err}); rerun `dvc repro -f evaluate@{name}`") from err
     return out
 
 
@@ -46,13 +50,13 @@ def markdown_table(p: Params, rows: dict[str, dict[str, float]]) -> str:
         f"{next(iter(rows.values()))['n_problems']} held-out problems)\n\n"
     )
     lines = [
-        "| model | accuracy ± SE | mean CoT tokens | p90 CoT tokens | hit max | wall s |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | accuracy ± SE | mean CoT tokens | p90 CoT tokens | hit max |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for name, m in rows.items():
         lines.append(
             f"| {name} | {m['accuracy']:.3f} ± {m['accuracy_se']:.3f} | {m['mean_cot_tokens']:.1f} | "
-            f"{m['p90_cot_tokens']:.0f} | {m['frac_hit_max']:.3f} | {m['wall_seconds']:.1f} |"
+            f"{m['p90_cot_tokens']:.0f} | {m['frac_hit_max']:.3f} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -90,6 +94,10 @@ def run(p: Params, evaluations: Path, out: Path) -> None:
 
 def _metrics_path(name: str) -> str:
     return f"data/evaluate/{name}/metrics.json"
+
+
+def _timings_path(name: str) -> str:
+    return f"data/timings/evaluate-{name}.json"
 
 
 def exp_show() -> list[dict[str, Any]]:
@@ -133,9 +141,13 @@ def sweep_points(entries: list[dict[str, Any]], sources: list[str]) -> dict[floa
             name = revision.get("name") or revision["rev"]
             log.info("sweep: skipping %s, whose params differ in more than sparsity", name)
             continue
-        if any(_metrics_path(n) not in metrics for n in names) or values["sparsity"] in points:
+        needed = [path(n) for n in names for path in (_metrics_path, _timings_path)]
+        if any(path not in metrics for path in needed) or values["sparsity"] in points:
             continue
-        points[values["sparsity"]] = {n: metrics[_metrics_path(n)]["data"] for n in names}
+        points[values["sparsity"]] = {
+            n: metrics[_metrics_path(n)]["data"] | {"wall_seconds": metrics[_timings_path(n)]["data"]["wall_seconds"]}
+            for n in names
+        }
     if not points:
         raise RacError("no finished experiment has metrics for every source; run `dvc queue start` and wait for it")
     return dict(sorted(points.items()))

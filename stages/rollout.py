@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from stages.generation import generate
-from stages.models import check_model_ref, encode_prompt, fingerprint, load_tokenizer, vocab_hash
+from stages.models import encode_prompt, fingerprint, load_tokenizer, vocab_hash
 from stages.params import Params
 from stages.schemas import TRACES, generation_columns, write_parquet
 from stages.tasks import get_task
@@ -21,7 +21,6 @@ def run(p: Params, out: Path, model: str) -> None:
     ``model`` is ``p.model`` for on-policy traces, or another model for the ``offpolicy`` source.
     """
     task, s = get_task(p.calib_task, p.benchmarks), p.rollout
-    check_model_ref(model)
     tokenizer = load_tokenizer(model)
     problems = task.problems(s.n_prompts, s.seed)
     prompts = [encode_prompt(tokenizer, pr.prompt) for pr in problems]

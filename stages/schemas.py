@@ -1,7 +1,9 @@
-"""Artifact contracts: Parquet schemas and the Zarr Hessian store, each defined once.
+"""Artifact contracts: the Parquet schemas with the rules their rows obey, each defined once.
 
 Every writer builds its artifact beside the destination and moves it into place only when it
-is whole, so a failed run never leaves a complete-looking artifact behind.
+is whole, so a failed run never leaves a complete-looking artifact behind. Every reader checks the
+columns, their types and the row rules, so a file that breaks the contract is a one-line error.
+(The Hessian store has its own module, ``stages.store``.)
 """
 
 import contextlib
@@ -11,19 +13,15 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import zarr
-from zarr.codecs.numcodecs import Zstd
 
 from stages.errors import RacError
 
-SCHEMA_VERSION = 1
 _META_KEY = b"rac"
 
 # What every generated sample records, in traces and in evaluation samples alike.
@@ -95,13 +93,29 @@ ERRORS = pa.schema(
 
 SEGMENT_IDS = {"prompt": 0, "decode": 1}
 
+# Row rules, by column name, for every schema that has the column. No value may be missing, except these.
+_NULLABLE = ("extracted",)  # no answer found in the completion
+_NON_EMPTY = ("token_ids", "prompt_token_ids")  # a sequence or prompt of no tokens feeds nothing
+_TOKEN_IDS = ("token_ids", "prompt_token_ids", "completion_token_ids")  # ids >= 0 (the vocabulary bound is
+# the model's: checked where a model reads them)
+_SAME_LENGTH = (("token_ids", "segment"), ("token_ids", "errors"))
+_COUNTS = (("n_prompt_tokens", "prompt_token_ids"), ("n_completion_tokens", "completion_token_ids"))
+
+
+TMP_MARK = ".tmp-"
+
+
+def tmp_sibling(dest: Path) -> Path:
+    """A fresh hidden name beside ``dest`` that records this process (``rac clean`` removes it once that is gone)."""
+    return dest.with_name(f".{dest.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
 
 @contextlib.contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``dest``; move it onto ``dest`` only if the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = tmp_sibling(dest)
     try:
         yield tmp
         if dest.is_dir() and not dest.is_symlink():
@@ -137,8 +151,50 @@ def read_parquet(path: Path, schema: pa.Schema, what: str) -> tuple[pa.Table, di
     bad = [f"{f.name}:{f.type}" for f in schema if got.get(f.name) != f.type]
     if bad:
         raise RacError(f"{what} file {str(path)!r} lacks columns {bad}; it was not written by this rac version")
+    table = table.select(schema.names)
+    bad_rule = _broken_rule(table)
+    if bad_rule:
+        raise RacError(f"{what} file {str(path)!r} breaks its contract: {bad_rule}; rebuild it with rac")
     raw = (table.schema.metadata or {}).get(_META_KEY)
-    return table.select(schema.names), json.loads(raw) if raw else {}
+    try:
+        meta = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RacError(f"{what} file {str(path)!r} has unreadable metadata ({err}); rebuild it") from err
+    if not isinstance(meta, dict):
+        raise RacError(f"{what} file {str(path)!r} has metadata that is not a mapping; rebuild it")
+    return table, meta
+
+
+def _broken_rule(table: pa.Table) -> str | None:
+    """The first row rule ``table`` breaks, in words; None when it keeps them all."""
+    names = set(table.column_names)
+    for name in (n for n in table.column_names if n not in _NULLABLE):
+        column = table[name]
+        if column.null_count or (pa.types.is_list(column.type) and pc.list_flatten(column).null_count):
+            return f"column {name!r} has missing values"
+    for name in (n for n in _NON_EMPTY if n in names):
+        if table.num_rows and pc.min(pc.list_value_length(table[name])).as_py() == 0:
+            return f"column {name!r} has an empty list"
+    for name in (n for n in _TOKEN_IDS if n in names):
+        values = pc.list_flatten(table[name])
+        if len(values) and pc.min(values).as_py() < 0:
+            return f"column {name!r} has negative token ids"
+    for a, b in ((a, b) for a, b in _SAME_LENGTH if a in names and b in names):
+        if not _all(pc.equal(pc.list_value_length(table[a]), pc.list_value_length(table[b]))):
+            return f"columns {a!r} and {b!r} differ in length in some row"
+    for count, ids in ((c, i) for c, i in _COUNTS if c in names and i in names):
+        if not _all(pc.equal(pc.cast(table[count], pa.int32()), pc.list_value_length(table[ids]))):
+            return f"column {count!r} disagrees with the length of {ids!r}"
+    if "segment" in names:
+        segments = pc.list_flatten(table["segment"])
+        if not _all(pc.is_in(segments, pa.array(list(SEGMENT_IDS.values()), pa.int8()))):
+            return f"column 'segment' has values other than {sorted(SEGMENT_IDS.values())}"
+    return None
+
+
+def _all(mask: pa.ChunkedArray | pa.Array) -> bool:
+    """Whether every entry of a boolean array is true (an empty array is)."""
+    return pc.all(mask).as_py() is not False
 
 
 @contextlib.contextmanager
@@ -147,123 +203,3 @@ def numcodecs_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
         yield
-
-
-@dataclass(frozen=True)
-class GroupInfo:
-    """One Hessian group: the linears of one decoder layer that read the same input."""
-
-    layer: int
-    name: str
-    members: list[str]
-    n_tokens: dict[str, int]
-
-    @property
-    def key(self) -> str:
-        return f"layers/{self.layer}/{self.name}"
-
-
-class HessianWriter:
-    """Builds a Hessian store in a temp dir; ``finish`` moves it into place and marks it complete.
-
-    Layout (Zarr v3): root attrs ``schema_version, model_id, model_fingerprint, source, dtype,
-    complete``; one group ``layers/<i>/<first member>`` per input group holding float32 [d, d]
-    arrays ``xtx_prompt`` and ``xtx_decode`` (raw sums of x·xᵀ) and attrs ``n_tokens_prompt``,
-    ``n_tokens_decode``, ``members``.
-    """
-
-    def __init__(
-        self, path: Path, *, model_id: str, fingerprint: str, source: str, chunk: int, build: Path | None = None
-    ) -> None:
-        """Build beside ``path``, or in ``build`` (kept across runs, and reopened if it holds a partial build)."""
-        self.path = Path(path)
-        self.tmp = Path(build) if build else self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self.chunk = chunk
-        attrs = {
-            "schema_version": SCHEMA_VERSION,
-            "model_id": model_id,
-            "model_fingerprint": fingerprint,
-            "source": source,
-            "dtype": "float32",
-            "complete": False,
-        }
-        if (self.tmp / "zarr.json").is_file():
-            self.root = zarr.open_group(store=str(self.tmp), mode="r+", zarr_format=3)
-            if dict(self.root.attrs) != attrs:
-                raise RacError(f"partial Hessian build {str(self.tmp)!r} is for other inputs; delete it and rerun")
-        else:
-            self.root = zarr.open_group(store=str(self.tmp), mode="w", zarr_format=3)
-            self.root.attrs.update(attrs)
-
-    def write_group(
-        self, layer: int, name: str, members: list[str], xtx: dict[str, np.ndarray], n_tokens: dict[str, int]
-    ) -> None:
-        """Write the per-segment sums ``xtx[segment]`` [d, d] and token counts of one group."""
-        group = self.root.require_group(f"layers/{layer}/{name}")
-        for segment in SEGMENT_IDS:
-            d = xtx[segment].shape[0]
-            with numcodecs_quiet():
-                compressor = Zstd(level=3)
-            array = group.create_array(
-                f"xtx_{segment}",
-                shape=(d, d),
-                chunks=(min(d, self.chunk), min(d, self.chunk)),
-                dtype="float32",
-                compressors=[compressor],
-                overwrite=True,  # a window cut short by a kill is written again in full
-            )
-            array[...] = xtx[segment].astype(np.float32)
-        group.attrs.update({f"n_tokens_{s}": int(n_tokens[s]) for s in SEGMENT_IDS} | {"members": members})
-
-    def finish(self) -> None:
-        """Move the whole store into place, then write ``complete: true`` last."""
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(self.tmp, self.path)  # a rename on one filesystem; `complete` is only written after it
-        zarr.open_group(store=str(self.path), mode="r+", zarr_format=3).attrs["complete"] = True
-
-    def abort(self) -> None:
-        """Remove the partial build."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-class HessianStore:
-    """A complete Hessian store, checked against the model that will be pruned."""
-
-    def __init__(self, path: Path, fingerprint: str | None) -> None:
-        """Open a complete store; check it was built for the model ``fingerprint`` (None: any model)."""
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
-            raise RacError(f"Hessian store {str(self.path)!r} does not exist; run `dvc repro hessians` first")
-        self.root = zarr.open_group(store=str(self.path), mode="r", zarr_format=3)
-        attrs = dict(self.root.attrs)
-        if attrs.get("schema_version") != SCHEMA_VERSION:
-            raise RacError(
-                f"Hessian store {str(self.path)!r} has schema_version {attrs.get('schema_version')!r}, "
-                f"expected {SCHEMA_VERSION}; rebuild it"
-            )
-        if attrs.get("complete") is not True:
-            raise RacError(f"Hessian store {str(self.path)!r} is incomplete; delete it and rerun the hessians stage")
-        if fingerprint is not None and attrs.get("model_fingerprint") != fingerprint:
-            raise RacError(
-                f"Hessian store {str(self.path)!r} was built for model {attrs.get('model_id')!r} "
-                f"(fingerprint {attrs.get('model_fingerprint')}), not this one ({fingerprint}); rebuild it"
-            )
-        self.attrs = attrs
-
-    def groups(self) -> list[GroupInfo]:
-        """Every input group in the store, ordered by layer."""
-        out = []
-        for layer_key, layer in self.root["layers"].groups():
-            for name, group in layer.groups():
-                attrs = group.attrs
-                counts = {s: int(attrs[f"n_tokens_{s}"]) for s in SEGMENT_IDS}
-                out.append(GroupInfo(int(layer_key), name, list(attrs["members"]), counts))
-        return sorted(out, key=lambda g: (g.layer, g.name))
-
-    def sums(self, group: GroupInfo) -> dict[str, np.ndarray]:
-        """The raw per-segment sums of x·xᵀ [d, d] of ``group``."""
-        with numcodecs_quiet():
-            node = self.root[group.key]
-            return {s: np.asarray(node[f"xtx_{s}"][...]) for s in SEGMENT_IDS}

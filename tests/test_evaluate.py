@@ -29,7 +29,7 @@ def test_metrics_average_over_samples_and_problems() -> None:
     correct = [[True, False, False, False], [True, True, True, True]]
     lengths = [10, 20, 30, 40, 50, 60, 70, 100]
     hit_max = [False] * 7 + [True]
-    m = evaluate.metrics(correct, lengths, hit_max, wall_s=2.0)
+    m = evaluate.metrics(correct, lengths, hit_max)
     assert m["accuracy"] == pytest.approx(0.625)  # (1/4 + 4/4) / 2
     assert m["accuracy_se"] == pytest.approx(0.375 / math.sqrt(2))  # spread of per-problem means over 2 problems
     assert (m["pass@1"], m["pass@2"], m["pass@4"]) == pytest.approx((0.625, 0.75, 1.0))
@@ -37,18 +37,18 @@ def test_metrics_average_over_samples_and_problems() -> None:
     assert (m["mean_cot_tokens"], m["median_cot_tokens"]) == (47.5, 45.0)
     assert m["p90_cot_tokens"] == pytest.approx(79.0)
     assert m["frac_hit_max"] == 1 / 8
-    assert m["tokens_per_second"] == 190.0
+    assert not {"wall_seconds", "tokens_per_second"} & m.keys()  # volatile: in the timings, not the metrics
     assert (m["n_problems"], m["samples_per_problem"]) == (2, 4)
 
 
 def test_metrics_one_sample_is_binomial() -> None:
-    m = evaluate.metrics([[True], [False], [True], [True]], [5, 5, 5, 5], [False] * 4, wall_s=1.0)
+    m = evaluate.metrics([[True], [False], [True], [True]], [5, 5, 5, 5], [False] * 4)
     assert m["accuracy"] == m["pass@1"] == 0.75
     assert m["accuracy_se"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
 
 
 def test_pass_at_k_for_three_samples() -> None:
-    m = evaluate.metrics([[True, False, False]], [1, 1, 1], [False] * 3, wall_s=1.0)
+    m = evaluate.metrics([[True, False, False]], [1, 1, 1], [False] * 3)
     assert [k for k in m if k.startswith("pass@")] == ["pass@1", "pass@2", "pass@3"]
 
 

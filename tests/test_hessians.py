@@ -12,7 +12,8 @@ from transformers import PreTrainedModel
 from stages.hessians import batches, collect, run
 from stages.models import decoder_layers, fingerprint, linear_groups, load_model
 from stages.params import load_params
-from stages.schemas import CALIBRATION, HessianStore, write_parquet
+from stages.schemas import CALIBRATION, write_parquet
+from stages.store import HessianStore
 
 PAD = 0
 # Sums of float32 activations from different kernels (batched+masked SDPA vs unbatched) differ by

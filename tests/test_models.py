@@ -9,13 +9,14 @@ from conftest import save_tiny_qwen2
 from stages import toy
 from stages.errors import RacError
 from stages.models import (
-    check_model_ref,
     decoder_layers,
     encode_prompt,
     fingerprint,
     linear_groups,
     load_model,
     load_tokenizer,
+    looks_local,
+    model_dir,
 )
 
 CPU = torch.device("cpu")
@@ -72,23 +73,28 @@ def test_fingerprint_differs_across_families(tiny_model_dir: Path, tiny_llama_di
     assert fingerprint(str(tiny_llama_dir)) != fingerprint(str(tiny_model_dir))
 
 
-@pytest.mark.parametrize("ref", ["data/nope", "/tmp/does/not/exist", "./nope", "not a model"])
-def test_check_model_ref_rejects_missing_paths(ref: str) -> None:
-    with pytest.raises(RacError, match="not a model directory"):
-        check_model_ref(ref)
+@pytest.mark.parametrize("ref", ["data/nope", "/tmp/does/not/exist", "./nope", "not a model", "tests/nope"])
+def test_model_dir_rejects_missing_paths(ref: str) -> None:
+    # "tests/nope" looks like a hub id, but its first part is a folder here: a local path that does not exist.
+    with pytest.raises(RacError, match="does not exist"):
+        model_dir(ref)
 
 
-def test_check_model_ref_rejects_a_file(tmp_path: Path) -> None:
+def test_model_dir_rejects_a_file(tmp_path: Path) -> None:
     file = tmp_path / "config.json"
     file.write_text("{}")
-    with pytest.raises(RacError, match=r"config\.json"):
-        check_model_ref(str(file))
+    with pytest.raises(RacError, match=r"is a file, not a directory"):
+        model_dir(str(file))
 
 
-def test_check_model_ref_accepts_dir_and_hub_id(tiny_model_dir: Path) -> None:
-    assert check_model_ref(str(tiny_model_dir)) == str(tiny_model_dir)
-    assert check_model_ref("org/name") == "org/name"
-    assert check_model_ref("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B") == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+def test_model_dir_accepts_a_model_directory(tiny_model_dir: Path) -> None:
+    assert model_dir(str(tiny_model_dir)) == tiny_model_dir
+
+
+def test_hub_ids_are_told_from_paths() -> None:
+    assert not looks_local("org/name")
+    assert not looks_local("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
+    assert looks_local("data/embedded") and looks_local("./x/y") and looks_local("a/b/c") and looks_local("name")
 
 
 def test_load_model_missing_path_is_rac_error() -> None:

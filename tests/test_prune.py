@@ -53,7 +53,7 @@ def test_prune_changes_only_decoder_linears(
     report = json.loads((out / "report.json").read_text())
     assert len(report["layers"]) == n_linear
     assert abs(report["achieved_sparsity"] - 0.6) < 1e-3
-    assert all(r["loss"] >= 0 and r["seconds"] >= 0 and r["damp_used"] >= p.prune.damp for r in report["layers"])
+    assert all(r["loss"] >= 0 and "seconds" not in r and r["damp_used"] >= p.prune.damp for r in report["layers"])
     assert AutoModelForCausalLM.from_pretrained(out) is not None
 
 

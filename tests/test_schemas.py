@@ -1,23 +1,16 @@
-"""Artifact contracts: Parquet round trips and checks, atomic writes, the Zarr Hessian store on disk."""
+"""Artifact contracts: Parquet round trips and checks, and atomic writes."""
 
-import json
-import os
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import zarr
 
 from stages.errors import RacError
 from stages.schemas import (
     CALIBRATION,
     SAMPLES,
-    SCHEMA_VERSION,
     TRACES,
-    HessianStore,
-    HessianWriter,
     atomic_path,
     read_parquet,
     write_parquet,
@@ -167,143 +160,3 @@ def test_atomic_path_replaces_existing_file_and_dir(tmp_path: Path) -> None:
         (tmp / "fresh").write_text("new")
     assert sorted(p.name for p in directory.iterdir()) == ["fresh"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.txt"]
-
-
-def _sums(seed: int, d: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {s: rng.standard_normal((d, d)).astype(np.float32) for s in ("prompt", "decode")}
-
-
-def _write_store(path: Path, chunk: int = 16) -> dict[tuple[int, str], tuple[list[str], dict, dict]]:
-    """A store of 2 layers × 2 groups with d = 40 and 24; returns what was written."""
-    written = {}
-    writer = HessianWriter(path, model_id="tiny", fingerprint=FINGERPRINT, source="rac", chunk=chunk)
-    for layer in range(2):
-        for name, members, d in [
-            ("self_attn.q_proj", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], 40),
-            ("mlp.down_proj", ["mlp.down_proj"], 24),
-        ]:
-            xtx = _sums(10 * layer + d, d)
-            counts = {"prompt": 7 + layer, "decode": 100 + d}
-            writer.write_group(layer, name, members, xtx, counts)
-            written[(layer, name)] = (members, xtx, counts)
-    writer.finish()
-    return written
-
-
-def test_hessian_store_round_trip(tmp_path: Path) -> None:
-    path = tmp_path / "rac.zarr"
-    written = _write_store(path)
-    store = HessianStore(path, FINGERPRINT)
-    assert store.attrs == {
-        "schema_version": SCHEMA_VERSION,
-        "model_id": "tiny",
-        "model_fingerprint": FINGERPRINT,
-        "source": "rac",
-        "dtype": "float32",
-        "complete": True,
-    }
-    groups = store.groups()
-    assert [(g.layer, g.name) for g in groups] == sorted(written)
-    for g in groups:
-        members, xtx, counts = written[(g.layer, g.name)]
-        assert g.key == f"layers/{g.layer}/{g.name}"
-        assert g.members == members
-        assert g.n_tokens == counts
-        sums = store.sums(g)
-        assert set(sums) == {"prompt", "decode"}
-        for s in sums:
-            assert sums[s].dtype == np.float32
-            np.testing.assert_array_equal(sums[s], xtx[s])  # float32 in, float32 out: exact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rac.zarr"]
-
-
-def test_hessian_writer_finish_replaces_existing_store(tmp_path: Path) -> None:
-    path = tmp_path / "rac.zarr"
-    _write_store(path)
-    writer = HessianWriter(path, model_id="other", fingerprint=FINGERPRINT, source="prompt", chunk=8)
-    writer.write_group(0, "mlp.down_proj", ["mlp.down_proj"], _sums(99, 8), {"prompt": 1, "decode": 0})
-    writer.finish()
-    store = HessianStore(path, FINGERPRINT)
-    assert store.attrs["source"] == "prompt"
-    assert [(g.layer, g.name) for g in store.groups()] == [(0, "mlp.down_proj")]
-
-
-def test_hessian_store_refuses_other_fingerprint(tmp_path: Path) -> None:
-    path = tmp_path / "rac.zarr"
-    _write_store(path)
-    with pytest.raises(RacError, match=r"rac\.zarr.*fingerprint"):
-        HessianStore(path, "fedcba9876543210")
-
-
-def test_hessian_store_refuses_missing(tmp_path: Path) -> None:
-    with pytest.raises(RacError, match="does not exist"):
-        HessianStore(tmp_path / "none.zarr", FINGERPRINT)
-
-
-def test_hessian_store_refuses_unfinished_build_moved_into_place(tmp_path: Path) -> None:
-    path = tmp_path / "rac.zarr"
-    writer = HessianWriter(path, model_id="tiny", fingerprint=FINGERPRINT, source="rac", chunk=16)
-    writer.write_group(0, "mlp.down_proj", ["mlp.down_proj"], _sums(0, 8), {"prompt": 1, "decode": 1})
-    os.replace(writer.tmp, path)  # what a crash between the move and the final attr would leave
-    with pytest.raises(RacError, match="incomplete"):
-        HessianStore(path, FINGERPRINT)
-
-
-def test_hessian_store_refuses_complete_false(tmp_path: Path) -> None:
-    path = tmp_path / "rac.zarr"
-    root = zarr.open_group(store=str(path), mode="w", zarr_format=3)
-    root.attrs.update(
-        {
-            "schema_version": SCHEMA_VERSION,
-            "model_id": "tiny",
-            "model_fingerprint": FINGERPRINT,
-            "source": "rac",
-            "dtype": "float32",
-            "complete": False,
-        }
-    )
-    with pytest.raises(RacError, match="incomplete"):
-        HessianStore(path, FINGERPRINT)
-
-
-def test_hessian_store_refuses_other_schema_version(tmp_path: Path) -> None:
-    path = tmp_path / "rac.zarr"
-    _write_store(path)
-    zarr.open_group(store=str(path), mode="r+", zarr_format=3).attrs["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(RacError, match="schema_version"):
-        HessianStore(path, FINGERPRINT)
-
-
-def test_hessian_writer_abort_leaves_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "rac.zarr"
-    writer = HessianWriter(path, model_id="tiny", fingerprint=FINGERPRINT, source="rac", chunk=16)
-    writer.write_group(0, "mlp.down_proj", ["mlp.down_proj"], _sums(0, 8), {"prompt": 1, "decode": 1})
-    assert writer.tmp.is_dir()  # the build happens beside the destination, never at it
-    assert not path.exists()
-    writer.abort()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_hessian_arrays_chunked_and_compressed(tmp_path: Path) -> None:
-    path = tmp_path / "rac.zarr"
-    _write_store(path, chunk=16)
-    root = zarr.open_group(store=str(path), mode="r", zarr_format=3)
-    for key, d in [("layers/0/self_attn.q_proj", 40), ("layers/1/mlp.down_proj", 24)]:
-        for segment in ("prompt", "decode"):
-            array = root[f"{key}/xtx_{segment}"]
-            assert array.shape == (d, d)
-            assert array.chunks == (16, 16)
-            assert array.dtype == np.float32
-            meta = json.loads((path / key / f"xtx_{segment}" / "zarr.json").read_text())
-            assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [16, 16]
-            assert any("zstd" in codec["name"] for codec in meta["codecs"]), meta["codecs"]
-            n_chunks = -(-d // 16)
-            assert sum(1 for p in (path / key / f"xtx_{segment}" / "c").rglob("*") if p.is_file()) == n_chunks**2
-
-
-def test_hessian_chunk_larger_than_d_is_one_chunk(tmp_path: Path) -> None:
-    path = tmp_path / "rac.zarr"
-    _write_store(path, chunk=1024)
-    root = zarr.open_group(store=str(path), mode="r", zarr_format=3)
-    assert root["layers/0/self_attn.q_proj/xtx_prompt"].chunks == (40, 40)
