@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from stages.models import compute_device, load_model, load_tokenizer
+from stages.models import compute_device, load_model, load_tokenizer, model_dir
 from stages.params import SamplingParams
 
 
@@ -22,6 +22,9 @@ class Generation(NamedTuple):
 
 def generate(model: str, prompts: list[list[int]], s: SamplingParams, n: int) -> list[list[Generation]]:
     """``n`` completions for each prompt (token ids), sampled with ``s`` by ``s.backend``."""
+    model_dir(
+        model
+    )  # a broken model directory is a one-line error before an engine starts (each backend's would not be)
     if s.backend == "vllm":
         return _generate_vllm(model, prompts, s, n)
     return _generate_hf(model, prompts, s, n)

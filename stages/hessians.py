@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from stages.errors import RacError
 from stages.models import (
@@ -38,6 +39,7 @@ from stages.models import (
     linear_groups,
     load_model,
     load_tokenizer,
+    model_dir,
 )
 from stages.params import Params
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
@@ -207,8 +209,8 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> None
     tokenizer = load_tokenizer(p.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = compute_device() if world_size == 1 or not torch.cuda.is_available() else torch.device("cuda", rank)
+    check_token_ids(ids, AutoConfig.from_pretrained(model_dir(p.model)).get_text_config().vocab_size, calib)
     model = load_model(p.model, device)
-    check_token_ids(ids, model.get_input_embeddings().num_embeddings, calib)
     model_fingerprint = fingerprint(p.model)
     layers = decoder_layers(model)
     groups = linear_groups(model)

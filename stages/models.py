@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as transformers_logging
 
 from stages.errors import RacError
 
@@ -123,9 +124,8 @@ def _check_safetensors(file: Path) -> None:
 
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    """The tokenizer saved with ``model`` (its directory needs tokenizer.json, not weights)."""
-    directory = _locate(model)
-    _read_json(directory / "tokenizer.json", f"model directory {str(directory)!r}")
+    """The tokenizer saved with ``model`` (whose whole directory is checked first)."""
+    directory = model_dir(model)
     try:
         # Not AutoTokenizer: transformers 5 picks the tokenizer class from config.json's model_type
         # (Qwen2Tokenizer for a qwen2 model), whose byte-level pre-tokenizer would override the
@@ -138,6 +138,8 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
 def load_model(model: str, device: torch.device) -> PreTrainedModel:
     """``model`` in float32 on ``device``, in eval mode; every weight must come from the checkpoint."""
     directory = model_dir(model)
+    # A load of seconds needs no bar; without it a refusal below stays the one line on stderr.
+    transformers_logging.disable_progress_bar()
     try:
         loaded, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError) as err:

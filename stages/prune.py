@@ -28,7 +28,7 @@ from stages.models import (
 from stages.params import Params
 from stages.schemas import atomic_path
 from stages.selection import in_scope, layer_sparsities
-from stages.solvers import get_solver, hessian_from_sums
+from stages.solvers import get_solver, hessian_from_sums, mixed_count
 from stages.store import HessianStore
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,10 @@ def run(p: Params, hessians: Path, out: Path) -> dict[str, float]:
     solver = get_solver(p.pruner)
     kernel = resolve_kernel(p.prune.kernel)
     store = HessianStore(hessians, fingerprint(p.model))
+    try:
+        mixed_count(store.n_tokens, p.prune.mix)  # every group saw these counts: refuse an empty mix up front
+    except ValueError as err:
+        raise RacError(f"prune.mix on {str(hessians)!r}: {err}") from err
     device = compute_device()
     model = load_model(p.model, device)
     store.require_groups(linear_groups(model))  # else a layer missing from the store would stay dense, unreported
@@ -61,10 +65,7 @@ def run(p: Params, hessians: Path, out: Path) -> dict[str, float]:
         members = {m: targets[group.layer] if in_scope(m, p.prune.scope) else 0.0 for m in group.members}
         if any(members.values()):
             sums = {s: torch.from_numpy(x).to(device) for s, x in store.sums(group).items()}
-            try:
-                H = hessian_from_sums(sums, group.n_tokens, p.prune.mix)  # [in, in]
-            except ValueError as err:
-                raise RacError(f"prune.mix on {str(hessians)!r}: {err}") from err
+            H = hessian_from_sums(sums, group.n_tokens, p.prune.mix)  # [in, in]
         for member, target in members.items():
             linear = layers[group.layer].get_submodule(member)
             row = {"layer": group.layer, "module": member, "shape": list(linear.weight.shape), "target": target}

@@ -192,21 +192,36 @@ class HessianWriter:
         ``dest`` is at every moment absent, the old store, or the new complete one: the copy (when the build
         is on another filesystem) happens under a temporary name and only a rename in one directory replaces it.
         """
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staged = tmp_sibling(dest)
-        shutil.move(self.build, staged)
-        _open_root(staged, "r+").attrs["complete"] = True
-        trash = tmp_sibling(dest)
-        if dest.exists():
-            os.replace(dest, trash)
-        os.replace(staged, dest)
-        shutil.rmtree(trash, ignore_errors=True)
+        staged = stage_beside(self.build, Path(dest))
+        mark_complete(staged)
+        swap_into(staged, Path(dest))
         self.root = None
 
     def abort(self) -> None:
         """Remove the build."""
         shutil.rmtree(self.build, ignore_errors=True)
+
+
+def stage_beside(build: Path, dest: Path) -> Path:
+    """Move ``build`` to a temporary sibling of ``dest`` (a rename, or a copy across filesystems)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staged = tmp_sibling(dest)
+    shutil.move(build, staged)
+    return staged
+
+
+def mark_complete(path: Path) -> None:
+    """Write ``complete: true``: the last write of a store, after its manifest."""
+    _open_root(path, "r+").attrs["complete"] = True
+
+
+def swap_into(staged: Path, dest: Path) -> None:
+    """Rename ``staged`` onto ``dest``; an old store at ``dest`` is renamed away first, then removed."""
+    trash = tmp_sibling(dest)
+    if dest.exists():
+        os.replace(dest, trash)
+    os.replace(staged, dest)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 class HessianStore:

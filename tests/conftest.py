@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 
 import pytest
 import yaml
+from click.testing import Result
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stages import toy
@@ -119,6 +120,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_bad_input(result: Result, *needles: str) -> None:
+    """Exit code 2 and exactly one stderr line, 'rac: error: ...', naming each needle; no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("rac: error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in result.output
 
 
 def run_cmd(args: list[str], cwd: Path) -> str:

@@ -8,7 +8,8 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
+from conftest import assert_bad_input
 
 from stages import hessians, toy
 from stages.cli import main
@@ -52,17 +53,6 @@ def test_help(args: tuple[str, ...]) -> None:
     assert result.stderr == ""
 
 
-def _assert_bad_input(result: Result, *needles: str) -> None:
-    """Exit code 2 and exactly one stderr line, 'rac: error: ...', naming each needle; no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("rac: error: ")
-    for needle in needles:
-        assert needle in lines[0]
-    assert "Traceback" not in result.output
-
-
 def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
@@ -104,7 +94,7 @@ def test_prune_sparsity_outside_unit_interval(
     result = CliRunner().invoke(
         main, ["prune", "--params", str(params), "--hessians", "data/hessians/rac.zarr", "--out", str(out)]
     )
-    _assert_bad_input(result, f"sparsity={sparsity}")
+    assert_bad_input(result, f"sparsity={sparsity}")
     assert not out.exists()
     assert _leftovers(out.parent) == []
 
@@ -123,7 +113,7 @@ def test_prune_unknown_pruner(in_tmp: Path, tiny_model_dir: Path, params_file: C
     params = params_file(tiny_model_dir, {"pruner": "foo"})
     out = Path("data/prune/rac")
     result = CliRunner().invoke(main, ["prune", "--params", str(params), "--hessians", str(store), "--out", str(out)])
-    _assert_bad_input(result, "pruner='foo'", "sparsegpt")
+    assert_bad_input(result, "pruner='foo'", "sparsegpt")
     assert not out.exists()
     assert _leftovers(out.parent) == []
 
@@ -138,7 +128,7 @@ def test_prune_store_of_another_model(
     params = params_file(tiny_model_dir)
     out = Path("data/prune/rac")
     result = CliRunner().invoke(main, ["prune", "--params", str(params), "--hessians", str(store), "--out", str(out)])
-    _assert_bad_input(result, str(store), "fingerprint")
+    assert_bad_input(result, str(store), "fingerprint")
     assert not out.exists()
 
 
@@ -150,7 +140,7 @@ def test_calibrate_unknown_source(in_tmp: Path, tiny_model_dir: Path, params_fil
     result = CliRunner().invoke(
         main, ["calibrate", "--params", str(params), "--source", "c4", "--traces", str(traces), "--out", str(out)]
     )
-    _assert_bad_input(result, "'c4'")
+    assert_bad_input(result, "'c4'")
     assert _leftovers(out.parent) == []
 
 
@@ -159,7 +149,7 @@ def test_rollout_missing_model(in_tmp: Path, params_file: Callable[..., Path], m
     params = params_file(model, {"rollout": {"backend": "hf", "n_prompts": 2}})
     out = Path("data/rollout/traces.parquet")
     result = CliRunner().invoke(main, ["rollout", "--params", str(params), "--out", str(out)])
-    _assert_bad_input(result, repr(model))
+    assert_bad_input(result, repr(model))
     assert _leftovers(out.parent) == []
 
 
@@ -173,7 +163,7 @@ def test_calibrate_budget_larger_than_traces(
     result = CliRunner().invoke(
         main, ["calibrate", "--params", str(params), "--source", "rac", "--traces", str(traces), "--out", str(out)]
     )
-    _assert_bad_input(result, f"budget_tokens={available + 1}", f"the {available} tokens")
+    assert_bad_input(result, f"budget_tokens={available + 1}", f"the {available} tokens")
     assert _leftovers(out.parent) == []
 
 
@@ -191,7 +181,7 @@ def test_calibrate_traces_with_wrong_schema(
     result = CliRunner().invoke(
         main, ["calibrate", "--params", str(params), "--source", "rac", "--traces", str(traces), "--out", str(out)]
     )
-    _assert_bad_input(result, str(traces), "prompt_token_ids")
+    assert_bad_input(result, str(traces), "prompt_token_ids")
     assert _leftovers(out.parent) == []
 
 
@@ -201,13 +191,13 @@ def test_calibrate_missing_traces(in_tmp: Path, tiny_model_dir: Path, params_fil
     result = CliRunner().invoke(
         main, ["calibrate", "--params", str(params), "--source", "rac", "--traces", "nope.parquet", "--out", str(out)]
     )
-    _assert_bad_input(result, "nope.parquet")
+    assert_bad_input(result, "nope.parquet")
     assert not out.parent.exists() or _leftovers(out.parent) == []
 
 
 def test_missing_params_file(in_tmp: Path) -> None:
     result = CliRunner().invoke(main, ["rollout", "--out", "traces.parquet"])
-    _assert_bad_input(result, "params.yaml")
+    assert_bad_input(result, "params.yaml")
     assert _leftovers(in_tmp) == []
 
 
@@ -217,7 +207,7 @@ def test_hessians_missing_calibration(in_tmp: Path, tiny_model_dir: Path, params
     result = CliRunner().invoke(
         main, ["hessians", "--params", str(params), "--calib", "data/calibrate/rac.parquet", "--out", str(out)]
     )
-    _assert_bad_input(result, "rac.parquet")
+    assert_bad_input(result, "rac.parquet")
     assert not out.exists()
 
 
@@ -227,7 +217,7 @@ def test_unknown_task(in_tmp: Path, tiny_model_dir: Path, params_file: Callable[
     result = CliRunner().invoke(
         main, ["calibrate", "--params", str(params), "--source", "prompt", "--traces", "x", "--out", str(out)]
     )
-    _assert_bad_input(result, "'gsm9k'")
+    assert_bad_input(result, "'gsm9k'")
 
 
 def _jsonl(path: Path, rows: list[dict[str, str]]) -> str:
@@ -263,5 +253,5 @@ def test_evaluate_bad_benchmark_input(
     result = CliRunner().invoke(
         main, ["evaluate", "--params", str(params), "--model", str(tiny_model_dir), "--out", str(out)]
     )
-    _assert_bad_input(result, *needles)
+    assert_bad_input(result, *needles)
     assert _leftovers(out.parent) == []

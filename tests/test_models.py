@@ -1,5 +1,6 @@
 """Model loading, fingerprints and the grouping of linears by shared input, on tiny real HF models."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,7 +131,10 @@ CHAT_TEMPLATES = {
 
 
 @pytest.mark.parametrize(("template", "think"), [("opens_think", True), ("knows_think", True), ("no_think", False)])
-def test_encode_prompt_applies_the_chat_template(template: str, think: bool, tmp_path: Path) -> None:
+def test_encode_prompt_applies_the_chat_template(
+    template: str, think: bool, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    shutil.copytree(tiny_model_dir, tmp_path, dirs_exist_ok=True)  # a whole model directory, then its tokenizer
     saved = toy.build_tokenizer()
     saved.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<think>"]})
     saved.chat_template = CHAT_TEMPLATES[template]

@@ -7,7 +7,7 @@ import torch
 from stages.errors import RacError
 from stages.solvers.alps import alps
 from stages.solvers.base import Pruned
-from stages.solvers.hessian import Prepared, hessian_from_sums, prepare_hessian
+from stages.solvers.hessian import Prepared, hessian_from_sums, mixed_count, prepare_hessian
 from stages.solvers.magnitude import magnitude
 from stages.solvers.masks import parse_pattern
 from stages.solvers.sparsegpt import KERNELS, sparsegpt
@@ -53,6 +53,7 @@ __all__ = [
     "get_solver",
     "hessian_from_sums",
     "magnitude",
+    "mixed_count",
     "parse_pattern",
     "prepare_hessian",
     "sparsegpt",

@@ -17,14 +17,23 @@ class Prepared(NamedTuple):
     escalations: int  # how many times the damping was multiplied by 10
 
 
-def hessian_from_sums(xtx: dict[str, torch.Tensor], counts: dict[str, int], mix: dict[str, float]) -> torch.Tensor:
-    """H = 2·Σ_s mix[s]·xtx[s] / Σ_s mix[s]·counts[s]: the mean of 2·x·xᵀ over a weighted mix of segments."""
-    missing = sorted(s for s in mix if s not in xtx or s not in counts)
+def mixed_count(counts: dict[str, int], mix: dict[str, float]) -> float:
+    """Σ_s mix[s]·counts[s], the weighted number of tokens behind H; it must be positive."""
+    missing = sorted(s for s in mix if s not in counts)
     if missing:
-        raise ValueError(f"mix={mix!r} names segments {missing} absent from the sums {sorted(xtx)}")
+        raise ValueError(f"mix={mix!r} names segments {missing} absent from the counts {sorted(counts)}")
     n = sum(mix[s] * counts[s] for s in mix)
     if not n > 0:
         raise ValueError(f"mix={mix!r} with counts={counts!r} weighs 0 tokens; give weight to a segment with tokens")
+    return n
+
+
+def hessian_from_sums(xtx: dict[str, torch.Tensor], counts: dict[str, int], mix: dict[str, float]) -> torch.Tensor:
+    """H = 2·Σ_s mix[s]·xtx[s] / Σ_s mix[s]·counts[s]: the mean of 2·x·xᵀ over a weighted mix of segments."""
+    missing = sorted(s for s in mix if s not in xtx)
+    if missing:
+        raise ValueError(f"mix={mix!r} names segments {missing} absent from the sums {sorted(xtx)}")
+    n = mixed_count(counts, mix)
     dtype = torch.float64 if any(xtx[s].dtype == torch.float64 for s in mix) else torch.float32
     H = torch.zeros_like(next(iter(xtx.values())), dtype=dtype)  # [in, in]
     for s, weight in mix.items():
