@@ -1,5 +1,6 @@
-"""The real pipeline through DVC: `dvc repro`, then `dvc exp run -S sparsity=…` re-runs only
-prune, evaluate and report, and leaves the Hessian stores untouched."""
+"""The real pipeline through DVC: `dvc repro`, then `dvc repro -f` gives a byte-identical dvc.lock (every out
+is a pure function of its inputs), then `dvc exp run -S sparsity=…` re-runs only prune, evaluate and report,
+and leaves the Hessian stores untouched."""
 
 import hashlib
 import json
@@ -32,6 +33,13 @@ def test_repro_then_sparsity_experiment_reuses_hessians(tmp_path: Path) -> None:
     table = (repo / "data" / "report" / "table.md").read_text()
     assert "| rac |" in table and "| dense |" in table
     stores = {s: _tree_digest(repo / "data" / "hessians" / f"{s}.zarr") for s in params["sources"]}
+    lock = (repo / "dvc.lock").read_bytes()
+    timings = json.loads((repo / "data" / "timings" / "evaluate-rac.json").read_text())
+    assert timings["wall_seconds"] > 0 and timings["stage_seconds"] >= timings["wall_seconds"]
+    assert "wall_seconds" not in json.loads((repo / "data" / "evaluate" / "rac" / "metrics.json").read_text())
+    forced = run_cmd([*DVC, "repro", "-f"], repo)
+    assert "Running stage 'hessians@rac'" in forced and "Running stage 'report'" in forced
+    assert (repo / "dvc.lock").read_bytes() == lock  # same inputs, same bytes: timings live outside the outs
     mtimes = {s: (repo / "data" / "hessians" / f"{s}.zarr" / "zarr.json").stat().st_mtime_ns for s in stores}
     git_commit(repo, "repro")
 
