@@ -179,12 +179,12 @@ class HessianWriter:
                 raise RacError(
                     f"group {group_key(spec)!r} saw tokens {counts}, not the calibration's {expected}; rerun hessians"
                 )
-        manifest = {"attrs": _attrs_digest(self.attrs), "files": digest_files(self.build, self._files())}
+        manifest = {
+            "attrs": _attrs_digest(self.attrs),
+            "files": digest_files(self.build, files_under(self.build, "layers")),
+        }
         with atomic_path(self.build / MANIFEST) as tmp:
             tmp.write_text(json.dumps(manifest, sort_keys=True))
-
-    def _files(self) -> list[str]:
-        return files_under(self.build, "layers")
 
     def publish(self, dest: Path) -> None:
         """Move the sealed build beside ``dest``, mark it complete there, then rename it onto ``dest``.
