@@ -24,7 +24,7 @@ from stages.errors import RacError
 from stages.generation import generate
 from stages.models import compute_device, encode_prompt, load_model, load_tokenizer
 from stages.params import Params, SamplingParams
-from stages.schemas import ERRORS, atomic_path, write_parquet
+from stages.schemas import ERRORS, SEGMENT_IDS, atomic_path, write_parquet
 from stages.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def run(p: Params, pruned: Path, out: Path) -> None:
     num, den = (result[source] for source in RATIO)
     result[f"{RATIO[0]}_over_{RATIO[1]}"] = {  # None where e_rac is 0, as for a copy of the dense model
         segment: num[f"mean_error_{segment}"] / d if (d := den[f"mean_error_{segment}"]) else None
-        for segment in ("prompt", "decode")
+        for segment in SEGMENT_IDS
     }
     rows = [
         {"model": source, "problem_id": i, "n_prompt_tokens": n, "token_ids": ids, "errors": e.tolist()}

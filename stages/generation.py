@@ -57,12 +57,25 @@ def _generate_vllm(model: str, prompts: list[list[int]], s: SamplingParams, n: i
     ]
 
 
+def stop_ids(tokenizer_eos: int | None, config_eos: int | list[int] | None) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and those of generation_config (Qwen and Llama 3
+    list several there, e.g. <|im_end|> and <|endoftext|>)."""
+    listed = config_eos if isinstance(config_eos, list) else [config_eos]
+    return sorted({i for i in [tokenizer_eos, *listed] if i is not None})
+
+
+def cut_at_stop(completion: list[int], stops: list[int]) -> Generation:
+    """``completion`` up to and including its first stop id ("stop"), or whole ("length")."""
+    ends = [completion.index(i) for i in stops if i in completion]
+    return Generation(completion[: min(ends) + 1], "stop") if ends else Generation(completion, "length")
+
+
 @torch.no_grad()
 def _generate_hf(model: str, prompts: list[list[int]], s: SamplingParams, n: int) -> list[list[Generation]]:
     tokenizer = load_tokenizer(model)
     lm = load_model(model, compute_device())
     torch.manual_seed(s.seed)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stops, pad = stop_ids(tokenizer.eos_token_id, lm.generation_config.eos_token_id), tokenizer.pad_token_id
     batch_size = 64
     results: list[list[Generation]] = [[] for _ in prompts]
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
@@ -82,13 +95,9 @@ def _generate_hf(model: str, prompts: list[list[int]], s: SamplingParams, n: int
             do_sample=sampled,
             temperature=s.temperature if sampled else None,
             top_p=s.top_p if sampled else None,
-            eos_token_id=eos,
+            eos_token_id=stops,
             pad_token_id=pad,
         )
         for row, (i, _) in enumerate(chunk):
-            completion = out[row, width:].tolist()
-            if eos in completion:
-                results[i].append(Generation(completion[: completion.index(eos) + 1], "stop"))
-            else:
-                results[i].append(Generation(completion, "length"))
+            results[i].append(cut_at_stop(out[row, width:].tolist(), stops))
     return results

@@ -135,6 +135,24 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
         raise RacError(f"cannot load the tokenizer of model {model!r}: {err}".splitlines()[0]) from err
 
 
+# Files that make up a saved tokenizer and chat template (never weights or the model config).
+_TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template*",
+)
+
+
+def tokenizer_files(model: str) -> list[Path]:
+    """The tokenizer and chat-template files saved with ``model``, to be copied verbatim: re-saving them through
+    transformers rewrites tokenizer_config.json in a form older versions cannot read."""
+    directory = model_dir(model)
+    return sorted({f for pattern in _TOKENIZER_FILES for f in directory.glob(pattern) if f.is_file()})
+
+
 def load_model(model: str, device: torch.device) -> PreTrainedModel:
     """``model`` in float32 on ``device``, in eval mode; every weight must come from the checkpoint."""
     directory = model_dir(model)

@@ -14,14 +14,13 @@ from ruamel.yaml import YAML, YAMLError
 
 from stages.errors import RacError
 from stages.models import check_model_dir, looks_local
-from stages.schemas import atomic_path
+from stages.schemas import SEGMENT_IDS, atomic_path
 from stages.selection import SCOPES, check_layers
 from stages.solvers import KERNELS, get_solver, parse_pattern
 from stages.tasks import check_task
 
 SOURCES = ("generic", "prompt", "rac", "offpolicy")
 BACKENDS = ("vllm", "hf")
-SEGMENTS = ("prompt", "decode")
 
 T = TypeVar("T")
 
@@ -224,8 +223,8 @@ class PruneParams:
         _positive("prune.block_size", self.block_size)
         if not 0 < self.damp <= 1:
             raise RacError(f"prune.damp={self.damp!r} must be in (0, 1]: a fraction of mean(diag H), 0.01 is usual")
-        if set(self.mix) != set(SEGMENTS):
-            raise RacError(f"prune.mix={self.mix!r} must give a weight to each of {list(SEGMENTS)}")
+        if set(self.mix) != set(SEGMENT_IDS):
+            raise RacError(f"prune.mix={self.mix!r} must give a weight to each of {list(SEGMENT_IDS)}")
         if any(w < 0 for w in self.mix.values()) or not any(w > 0 for w in self.mix.values()):
             raise RacError(f"prune.mix={self.mix!r}: weights must be >= 0 and not all 0")
 

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from stages.models import (
     fingerprint,
     linear_groups,
     load_model,
-    load_tokenizer,
     model_dir,
+    tokenizer_files,
 )
 from stages.params import Params
 from stages.schemas import atomic_path
@@ -120,7 +121,8 @@ def run(p: Params, hessians: Path, out: Path) -> dict[str, float]:
     model.to(AutoConfig.from_pretrained(model_dir(p.model)).dtype or torch.float32)
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp)
-        load_tokenizer(p.model).save_pretrained(tmp)
+        for file in tokenizer_files(p.model):
+            shutil.copyfile(file, tmp / file.name)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("pruned %s: achieved sparsity %.4f over %d linears", out, report["achieved_sparsity"], len(rows))
     return {"solver_seconds": solver_seconds}

@@ -1,11 +1,13 @@
 """Both generation backends on the embedded reasoner: exact ids, EOS handling, and agreement."""
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from stages.generation import generate
+from stages.generation import Generation, cut_at_stop, generate, stop_ids
 from stages.models import encode_prompt, load_tokenizer
 from stages.params import load_params
 from stages.tasks import get_task
@@ -46,3 +48,30 @@ def test_vllm_sampling_gives_n_distinct_samples() -> None:
     (samples,) = generate(str(EMBEDDED), [prompt], dataclasses.replace(p.rollout, backend="vllm"), 4)
     assert len(samples) == 4
     assert len({tuple(s.token_ids) for s in samples}) > 1
+
+
+def test_stop_ids_and_cut() -> None:
+    assert stop_ids(2, None) == [2]
+    assert stop_ids(2, [7, 2]) == [2, 7]
+    assert stop_ids(None, 5) == [5]
+    assert cut_at_stop([4, 9, 7, 3, 2], [2, 7]) == Generation([4, 9, 7], "stop")  # the first stop, whichever
+    assert cut_at_stop([4, 9], [2, 7]) == Generation([4, 9], "length")
+
+
+def test_hf_backend_stops_at_every_eos_of_generation_config(tmp_path: Path) -> None:
+    """A model whose generation_config lists a second EOS (as Qwen's <|im_end|>, <|endoftext|>) stops at either."""
+    model = tmp_path / "two-eos"
+    shutil.copytree(EMBEDDED, model)
+    tokenizer = load_tokenizer(str(model))
+    newline = tokenizer.convert_tokens_to_ids("\n")
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(
+        json.dumps(config | {"eos_token_id": [tokenizer.eos_token_id, newline]})
+    )
+    p = load_params(ROOT / "params.yaml")
+    task = get_task(p.task, p.benchmarks)
+    prompts = [encode_prompt(tokenizer, pr.prompt) for pr in task.problems(6, 5)]
+    greedy = dataclasses.replace(p.evaluate, backend="hf", temperature=0.0, max_new_tokens=200)
+    for (g,) in generate(str(model), prompts, greedy, 1):
+        assert g.finish_reason == "stop" and g.token_ids[-1] == newline  # every CoT has a line break
+        assert newline not in g.token_ids[:-1] and tokenizer.eos_token_id not in g.token_ids

@@ -55,6 +55,8 @@ def test_prune_changes_only_decoder_linears(
     assert abs(report["achieved_sparsity"] - 0.6) < 1e-3
     assert all(r["loss"] >= 0 and "seconds" not in r and r["damp_used"] >= p.prune.damp for r in report["layers"])
     assert AutoModelForCausalLM.from_pretrained(out) is not None
+    for f in dense.glob("tokenizer*"):  # copied verbatim: re-saving rewrites tokenizer_config.json
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
 
 
 def test_scope_layers_and_overrides(tmp_path: Path, tiny_model_dir: Path, params_file: Callable[..., Path]) -> None:
