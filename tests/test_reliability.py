@@ -361,10 +361,10 @@ def test_huge_generic_budget_fails_up_front(
     in_tmp: Path, params_file: Callable[..., Path], tiny_model_dir: Path
 ) -> None:
     params = str(params_file(tiny_model_dir, {"calibrate": {"budget_tokens": 2**31 - 1}}))
-    start = time.perf_counter()
+    # Refused before any text is generated: it used to generate for hours.
     result = _invoke("calibrate", "--params", params, "--source", "generic", "--traces", "t", "--out", "c.parquet")
     assert_bad_input(result, "budget_tokens=2147483647", "GB in memory")
-    assert time.perf_counter() - start < 60  # before any text is generated (it used to run for hours)
+    assert not (in_tmp / "c.parquet").exists()
 
 
 _CALIB_TYPES = {
