@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from stages.errors import RacError
 from stages.generation import generate
-from stages.models import compute_device, encode_prompt, load_model, load_tokenizer
+from stages.models import check_chat_template, compute_device, encode_prompt, load_model, load_tokenizer
 from stages.params import Params, SamplingParams
 from stages.schemas import ERRORS, SEGMENT_IDS, atomic_path, write_parquet
 from stages.tasks import get_task
@@ -50,10 +50,14 @@ def token_errors(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> list[
 
 
 def segment_means(errors: list[np.ndarray], n_prompt: list[int]) -> dict[str, float]:
-    """Mean error over all prompt tokens and over all decode tokens (each token weighs the same)."""
-    prompt = np.concatenate([e[:n] for e, n in zip(errors, n_prompt, strict=True)])
-    decode = np.concatenate([e[n:] for e, n in zip(errors, n_prompt, strict=True)])
-    return {"mean_error_prompt": float(prompt.mean()), "mean_error_decode": float(decode.mean())}
+    """Mean error over the tokens of each segment (``mean_error_prompt``, ``mean_error_decode``), each token
+    weighing the same."""
+    flat = np.concatenate(errors)  # [sum T]
+    prompt, decode = SEGMENT_IDS["prompt"], SEGMENT_IDS["decode"]
+    segment = np.concatenate(  # [sum T]: the first n_prompt positions of each sequence are the prompt
+        [np.where(np.arange(len(e)) < n, prompt, decode) for e, n in zip(errors, n_prompt, strict=True)]
+    )
+    return {f"mean_error_{name}": float(flat[segment == i].mean()) for name, i in SEGMENT_IDS.items()}
 
 
 def plot_heatmap(numerator: list[np.ndarray], denominator: list[np.ndarray], n_prompt: list[int], path: Path) -> None:
@@ -98,14 +102,15 @@ def run(p: Params, pruned: Path, out: Path) -> None:
     if absent:
         raise RacError(f"pruned models {absent} do not exist; run `dvc repro` to prune them first")
     task, a = get_task(p.task, p.benchmarks), p.analyze
-    tokenizer = load_tokenizer(p.model)
+    tokenizer = load_tokenizer(p.dense)
+    check_chat_template(tokenizer, p.dense, p.chat.require_template)
     problems = task.problems(a.n_problems, p.evaluate.seed)  # the first held-out evaluation problems
-    prompts = [encode_prompt(tokenizer, problem.prompt) for problem in problems]
+    prompts = [encode_prompt(tokenizer, problem.prompt, p.chat.system_prompt) for problem in problems]
     greedy = SamplingParams(a.backend, temperature=0.0, top_p=1.0, max_new_tokens=a.max_new_tokens, seed=0)
-    rollouts = generate(p.model, prompts, greedy, 1)
+    rollouts = generate(p.dense, prompts, greedy, 1, p.vllm)
     sequences = [prompt + g.token_ids for prompt, (g,) in zip(prompts, rollouts, strict=True)]
     n_prompt = [len(prompt) for prompt in prompts]
-    dense = final_hidden_states(p.model, sequences)
+    dense = final_hidden_states(p.dense, sequences)
     errors = {source: token_errors(dense, final_hidden_states(str(m), sequences)) for source, m in models.items()}
     result: dict[str, dict[str, float | None]] = {source: segment_means(e, n_prompt) for source, e in errors.items()}
     num, den = (result[source] for source in RATIO)
@@ -118,7 +123,7 @@ def run(p: Params, pruned: Path, out: Path) -> None:
         for source, per_problem in errors.items()
         for i, (n, ids, e) in enumerate(zip(n_prompt, sequences, per_problem, strict=True))
     ]
-    write_parquet(rows, ERRORS, out / "errors.parquet", {"model": p.model, "task": p.task, "sources": p.sources})
+    write_parquet(rows, ERRORS, out / "errors.parquet", {"model": p.dense, "task": p.task, "sources": p.sources})
     with atomic_path(out / "heatmap.png") as tmp:
         plot_heatmap(errors[RATIO[0]], errors[RATIO[1]], n_prompt, tmp)
     with atomic_path(out / "metrics.json") as tmp:

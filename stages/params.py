@@ -13,20 +13,23 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 from ruamel.yaml import YAML, YAMLError
 
 from stages.errors import RacError
-from stages.models import check_model_dir, looks_local
-from stages.schemas import SEGMENT_IDS, atomic_path
+from stages.models import check_model_dir, looks_local, model_ref
+from stages.schemas import SEGMENT_IDS, SOURCES, atomic_path
 from stages.selection import SCOPES, check_layers
 from stages.solvers import KERNELS, get_solver, parse_pattern
-from stages.tasks import check_task
+from stages.tasks import BenchmarkSpec, check_benchmark, check_task
 
-SOURCES = ("generic", "prompt", "rac", "offpolicy")
 BACKENDS = ("vllm", "hf")
+KEEP = ("all", "correct")  # rollout.keep: which traces the rac source calibrates on
+SYSTEM_PROMPTS = ("default", "none")  # chat.system_prompt: the template's own, none, or any other text
 
 T = TypeVar("T")
 
 
 def _check_type(value: Any, hint: Any, name: str) -> None:
     """``value`` is of type ``hint`` (X | None, dict[K, V] and list[X] looked into); floats are finite."""
+    if hint is Any:
+        return
     if isinstance(hint, types.UnionType):  # X | None: None passes, anything else must be an X
         if value is None:
             return
@@ -131,11 +134,13 @@ class RolloutParams(SamplingParams):
 
     n_prompts: int
     samples_per_prompt: int
+    keep: str
 
     def check(self) -> None:
         self.check_sampling("rollout")
         _positive("rollout.n_prompts", self.n_prompts)
         _positive("rollout.samples_per_prompt", self.samples_per_prompt)
+        _choice("rollout.keep", self.keep, KEEP)
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,7 @@ class CalibrateParams:
     budget_tokens: int
     seed: int
     generic_seq_len: int
-    generic_corpus: str | None
+    generic_corpus: str
     offpolicy_traces: str | None
 
     def check(self) -> None:
@@ -230,16 +235,58 @@ class PruneParams:
 
 
 @dataclass(frozen=True)
+class ChatParams:
+    """How a problem becomes a chat prompt."""
+
+    system_prompt: str
+    require_template: bool
+
+    def check(self) -> None:
+        if not self.system_prompt.strip():
+            raise RacError("chat.system_prompt is empty; write 'none' for no system turn, or 'default', or a text")
+
+
+@dataclass(frozen=True)
+class VllmParams:
+    """Engine settings of every vLLM run (rollout, evaluate, analyze)."""
+
+    tensor_parallel_size: int
+    data_parallel_size: int
+    gpu_memory_utilization: float
+    dtype: str
+    max_num_seqs: int
+    cpu_threads: int | None
+    options: dict[str, Any]
+
+    def check(self) -> None:
+        _positive("vllm.tensor_parallel_size", self.tensor_parallel_size)
+        _positive("vllm.data_parallel_size", self.data_parallel_size)
+        _positive("vllm.max_num_seqs", self.max_num_seqs)
+        if self.cpu_threads is not None:
+            _positive("vllm.cpu_threads", self.cpu_threads)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise RacError(f"vllm.gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1]")
+        _choice("vllm.dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
+        named = sorted(set(self.options) & {f.name for f in fields(self)})
+        if named:
+            raise RacError(f"vllm.options sets {named}, which have their own vllm.* keys; set them there")
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of params.yaml."""
 
     model: str
+    revision: str | None
     task: str
     calib_task: str
-    benchmarks: dict[str, str]
+    allow_overlap: bool
+    benchmarks: dict[str, BenchmarkSpec]
     sources: list[str]
     sparsity: float
     pruner: str
+    chat: ChatParams
+    vllm: VllmParams
     toy: ToyParams
     rollout: RolloutParams
     calibrate: CalibrateParams
@@ -247,6 +294,11 @@ class Params:
     prune: PruneParams
     evaluate: EvaluateParams
     analyze: AnalyzeParams
+
+    @property
+    def dense(self) -> str:
+        """The dense model as the loaders take it: ``model``, pinned at ``revision`` for a hub id."""
+        return model_ref(self.model, self.revision)
 
     def check(self) -> None:
         for source in self.sources:
@@ -256,8 +308,14 @@ class Params:
                 "sources has 'offpolicy' but calibrate.offpolicy_traces is not set; point it at another model's "
                 "traces (`rac rollout --model OTHER --out FILE`)"
             )
+        if self.revision is not None and looks_local(self.model):
+            raise RacError(
+                f"revision={self.revision!r} is set but model={self.model!r} is a local directory; set revision null"
+            )
+        for name, spec in self.benchmarks.items():
+            check_benchmark(name, spec)
         check_task(self.task, self.benchmarks)
-        check_task(self.calib_task, self.benchmarks)
+        check_task(self.calib_task, self.benchmarks, "calib_task")
         get_solver(self.pruner)
         for value in (self.sparsity, *self.prune.overrides.values()):
             if not 0 <= value < 1:
@@ -267,6 +325,8 @@ class Params:
 
 
 _SECTIONS = {
+    "chat": ChatParams,
+    "vllm": VllmParams,
     "toy": ToyParams,
     "rollout": RolloutParams,
     "calibrate": CalibrateParams,
@@ -349,4 +409,8 @@ def load_params(path: Path) -> Params:
         raise RacError(f"params file {str(path)!r} must hold a mapping")
     sections = {name: _section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}
     top = {k: v for k, v in raw.items() if k not in _SECTIONS}
+    if isinstance(top.get("benchmarks"), dict):
+        top["benchmarks"] = {
+            name: _section(BenchmarkSpec, spec, f"benchmarks.{name}") for name, spec in top["benchmarks"].items()
+        }
     return _section(Params, {**top, **sections}, "top level")

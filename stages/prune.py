@@ -50,13 +50,13 @@ def run(p: Params, hessians: Path, out: Path) -> dict[str, float]:
     seconds spent in the solver."""
     solver = get_solver(p.pruner)
     kernel = resolve_kernel(p.prune.kernel)
-    store = HessianStore(hessians, fingerprint(p.model))
+    store = HessianStore(hessians, fingerprint(p.dense))
     try:
         mixed_count(store.n_tokens, p.prune.mix)  # every group saw these counts: refuse an empty mix up front
     except ValueError as err:
         raise RacError(f"prune.mix on {str(hessians)!r}: {err}") from err
     device = compute_device()
-    model = load_model(p.model, device)
+    model = load_model(p.dense, device)
     store.require_groups(linear_groups(model))  # else a layer missing from the store would stay dense, unreported
     layers = decoder_layers(model)
     targets = layer_sparsities(p.sparsity, p.prune.scope, p.prune.layers, p.prune.overrides, len(layers))
@@ -118,10 +118,10 @@ def run(p: Params, hessians: Path, out: Path) -> dict[str, float]:
         "layers": rows,
     }
     # Solved in float32; saved in the checkpoint's own dtype, so a bf16 model stays bf16 on disk.
-    model.to(AutoConfig.from_pretrained(model_dir(p.model)).dtype or torch.float32)
+    model.to(AutoConfig.from_pretrained(model_dir(p.dense)).dtype or torch.float32)
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp)
-        for file in tokenizer_files(p.model):
+        for file in tokenizer_files(p.dense):
             shutil.copyfile(file, tmp / file.name)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("pruned %s: achieved sparsity %.4f over %d linears", out, report["achieved_sparsity"], len(rows))

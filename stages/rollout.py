@@ -1,4 +1,6 @@
-"""Reads: params ``model``, ``calib_task``, ``benchmarks``, ``rollout``. Writes: traces Parquet (``schemas.TRACES``).
+"""Reads: params ``model``, ``calib_task``, ``task``, ``benchmarks``, ``chat``, ``rollout``, ``vllm``
+(and ``evaluate.n_problems``/``seed``, to keep evaluation problems out). Writes: traces Parquet
+(``schemas.TRACES``), every sampled trace with its grade; ``rollout.keep`` is applied by the rac source.
 
 Samples on-policy chains of thought from the dense model on calibration prompts.
 """
@@ -6,11 +8,12 @@ Samples on-policy chains of thought from the dense model on calibration prompts.
 import logging
 from pathlib import Path
 
+from stages.evaluate import held_out_texts
 from stages.generation import generate
-from stages.models import encode_prompt, fingerprint, load_tokenizer, vocab_hash
+from stages.models import check_chat_template, encode_prompt, fingerprint, load_tokenizer, vocab_hash
 from stages.params import Params
 from stages.schemas import TRACES, generation_columns, write_parquet
-from stages.tasks import get_task
+from stages.tasks import calibration_problems, get_task
 
 log = logging.getLogger(__name__)
 
@@ -18,13 +21,14 @@ log = logging.getLogger(__name__)
 def run(p: Params, out: Path, model: str) -> None:
     """Sample ``rollout.samples_per_prompt`` CoTs per prompt from ``model`` and write them with exact token ids.
 
-    ``model`` is ``p.model`` for on-policy traces, or another model for the ``offpolicy`` source.
+    ``model`` is the dense model for on-policy traces, or another model for the ``offpolicy`` source.
     """
     task, s = get_task(p.calib_task, p.benchmarks), p.rollout
     tokenizer = load_tokenizer(model)
-    problems = task.problems(s.n_prompts, s.seed)
-    prompts = [encode_prompt(tokenizer, pr.prompt) for pr in problems]
-    generations = generate(model, prompts, s, s.samples_per_prompt)
+    check_chat_template(tokenizer, model, p.chat.require_template)
+    problems = calibration_problems(task, s.n_prompts, s.seed, held_out_texts(p), p.allow_overlap)
+    prompts = [encode_prompt(tokenizer, pr.prompt, p.chat.system_prompt) for pr in problems]
+    generations = generate(model, prompts, s, s.samples_per_prompt, p.vllm)
     rows = []
     for prompt_id, (problem, prompt_ids, samples) in enumerate(zip(problems, prompts, generations, strict=True)):
         for sample_idx, g in enumerate(samples):
@@ -42,8 +46,8 @@ def run(p: Params, out: Path, model: str) -> None:
                 }
             )
     n_tokens = sum(r["n_prompt_tokens"] + r["n_completion_tokens"] for r in rows)
-    accuracy = sum(r["correct"] for r in rows) / len(rows)
-    log.info("rollout: %d traces, %d tokens, dense accuracy %.3f", len(rows), n_tokens, accuracy)
+    n_correct = sum(r["correct"] for r in rows)
+    log.info("rollout: %d traces (%d correct), %d tokens", len(rows), n_correct, n_tokens)
     write_parquet(
         rows,
         TRACES,
@@ -57,5 +61,6 @@ def run(p: Params, out: Path, model: str) -> None:
             "backend": s.backend,
             "seed": s.seed,
             "n_tokens": n_tokens,
+            "n_correct": n_correct,
         },
     )

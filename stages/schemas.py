@@ -92,6 +92,8 @@ ERRORS = pa.schema(
 )
 
 SEGMENT_IDS = {"prompt": 0, "decode": 1}
+# The calibration sources: the `source` column of CALIBRATION, a store's `source`, params `sources`.
+SOURCES = ("generic", "prompt", "rac", "offpolicy")
 
 # Row rules, by column name, for every schema that has the column. No value may be missing, except these.
 _NULLABLE = ("extracted",)  # no answer found in the completion

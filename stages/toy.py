@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from stages.corpus import word_sentences
 from stages.generation import generate
 from stages.models import encode_prompt, load_tokenizer
 from stages.params import Params, ToyParams
@@ -32,6 +33,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
+    bos = vocab["<bos>"]  # the tokenizer adds BOS itself, as the model was trained with it
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", bos)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
     )
@@ -66,15 +71,15 @@ def _batch(
     """Token ids [B, T] and labels [B, T] (-100 on prompt tokens, padding and unscored text)."""
     rows: list[tuple[list[int], list[int]]] = []
     for _ in range(p.batch_size):
-        bos, eos = [tokenizer.bos_token_id], [tokenizer.eos_token_id]
+        eos = [tokenizer.eos_token_id]
         if rng.random() < p.generic_fraction:
-            ids = bos + tokenizer.encode(task.generic_text(p.generic_chars, rng.randrange(2**31)))
+            ids = tokenizer.encode(word_sentences(p.generic_chars, rng.randrange(2**31)))
             ids = ids[: p.generic_chars]
             rows.append((ids, [-100] + ids[1:]))
         else:
             problem = task.problems(1, rng.randrange(2**31))[0]
-            prompt = bos + tokenizer.encode(problem.prompt)
-            completion = tokenizer.encode(problem.solution) + eos
+            prompt = tokenizer.encode(problem.prompt)
+            completion = tokenizer.encode(problem.solution, add_special_tokens=False) + eos
             rows.append((prompt + completion, [-100] * len(prompt) + completion))
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
@@ -123,7 +128,8 @@ def held_out_accuracy(p: Params, model: Path) -> float:
     tokenizer = load_tokenizer(str(model))
     problems = task.problems(p.toy.eval_problems, p.toy.seed + 1)
     sampling = dataclasses.replace(p.evaluate, backend="hf", temperature=0.0)
-    outs = generate(str(model), [encode_prompt(tokenizer, pr.prompt) for pr in problems], sampling, 1)
+    prompts = [encode_prompt(tokenizer, pr.prompt, p.chat.system_prompt) for pr in problems]
+    outs = generate(str(model), prompts, sampling, 1, p.vllm)
     return sum(
         task.is_correct(tokenizer.decode(g.token_ids, skip_special_tokens=True), pr.answer)
         for pr, (g,) in zip(problems, outs, strict=True)

@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 
 from stages import calibrate, toy
+from stages.corpus import word_sentences
 from stages.errors import RacError
 from stages.models import encode_prompt, load_tokenizer, vocab_hash
 from stages.params import Params, load_params
 from stages.schemas import CALIBRATION, TRACES, read_parquet, write_parquet
 from stages.tasks import get_task
+from tests.conftest import SHIPPED_PARAMS
 
+BENCHMARKS = load_params(SHIPPED_PARAMS).benchmarks
 BUDGET = 300
 MATH500 = Path(__file__).parent / "fixtures" / "math500_tiny.jsonl"
 
@@ -38,10 +41,10 @@ def test_take_budget_too_short_names_budget() -> None:
 
 def _traces(n: int, seed: int = 5) -> list[dict]:
     """Trace rows shaped like rollout's: BOS+prompt ids and a CoT completion ending in EOS."""
-    tokenizer, task = toy.build_tokenizer(), get_task("arithmetic", {})
+    tokenizer, task = toy.build_tokenizer(), get_task("arithmetic", BENCHMARKS)
     rows = []
     for i, problem in enumerate(task.problems(n, seed)):
-        prompt_ids = encode_prompt(tokenizer, problem.prompt)
+        prompt_ids = encode_prompt(tokenizer, problem.prompt, "default")
         completion_ids = [*tokenizer.encode(problem.solution, add_special_tokens=False), tokenizer.eos_token_id]
         rows.append(
             {
@@ -132,17 +135,17 @@ def test_prompt_only_needs_more_sequences_than_rac(setup: tuple, tmp_path: Path)
 def test_prompt_sequences_are_the_task_prompts(setup: tuple, tmp_path: Path) -> None:
     p, traces, _ = setup
     rows, _ = _run(p, "prompt", traces, tmp_path)
-    tokenizer, task = toy.build_tokenizer(), get_task("arithmetic", {})
+    tokenizer, task = toy.build_tokenizer(), get_task("arithmetic", BENCHMARKS)
     problems = task.problems(256, p.calibrate.seed * 1_000_003)
     for row, problem in zip(rows[:-1], problems, strict=False):
-        assert row["token_ids"] == encode_prompt(tokenizer, problem.prompt)
+        assert row["token_ids"] == encode_prompt(tokenizer, problem.prompt, "default")
 
 
 def test_generic_sequences_decode_to_the_generic_text(setup: tuple, tmp_path: Path) -> None:
     p, traces, _ = setup
     rows, _ = _run(p, "generic", traces, tmp_path)
     tokenizer = toy.build_tokenizer()
-    text = get_task("arithmetic", {}).generic_text(2 * BUDGET, p.calibrate.seed)
+    text = word_sentences(2 * BUDGET, p.calibrate.seed)
     assert tokenizer.decode(rows[0]["token_ids"][1:]) == text[:63]
 
 
@@ -241,11 +244,40 @@ def test_generic_corpus_without_text(setup: tuple, tmp_path: Path) -> None:
 
 def test_prompt_source_from_a_fixed_benchmark_uses_each_problem_once(setup: tuple, tmp_path: Path) -> None:
     p, traces, _ = setup
-    p = replace(p, calib_task="math500", benchmarks={"math500": str(MATH500)})
+    math500 = replace(BENCHMARKS["math500"], path=str(MATH500))
+    p = replace(p, calib_task="math500", benchmarks={**p.benchmarks, "math500": math500})
     tokenizer = toy.build_tokenizer()
-    everything = [encode_prompt(tokenizer, pr.prompt) for pr in get_task("math500", p.benchmarks).problems(5, 0)]
+    everything = [
+        encode_prompt(tokenizer, pr.prompt, "default") for pr in get_task("math500", p.benchmarks).problems(5, 0)
+    ]
     total = sum(len(ids) for ids in everything)
     rows, _ = _run(replace(p, calibrate=replace(p.calibrate, budget_tokens=total)), "prompt", traces, tmp_path)
     assert sorted(r["token_ids"] for r in rows) == sorted(everything)  # each of the 5 problems, once
     with pytest.raises(RacError, match=rf"budget_tokens={total + 1} exceeds the {total} tokens .* 'prompt'"):
         _run(replace(p, calibrate=replace(p.calibrate, budget_tokens=total + 1)), "prompt", traces, tmp_path)
+
+
+def test_keep_correct_calibrates_on_correct_traces_only(setup: tuple, tmp_path: Path) -> None:
+    p, traces, rows = setup
+    for i, row in enumerate(rows):
+        row["correct"] = i % 2 == 0
+    write_parquet(rows, TRACES, traces, read_parquet(traces, TRACES, "traces")[1])
+    correct = [r for r in rows if r["correct"]]
+    budget = sum(r["n_prompt_tokens"] + r["n_completion_tokens"] for r in correct)
+    p = replace(p, rollout=replace(p.rollout, keep="correct"), calibrate=replace(p.calibrate, budget_tokens=budget))
+    out, _ = _run(p, "rac", traces, tmp_path)
+    assert [r["token_ids"] for r in out] == [r["prompt_token_ids"] + r["completion_token_ids"] for r in correct]
+    with pytest.raises(
+        RacError, match=rf"budget_tokens={budget + 1} exceeds the {budget} tokens .*rollout.keep=correct"
+    ):
+        _run(replace(p, calibrate=replace(p.calibrate, budget_tokens=budget + 1)), "rac", traces, tmp_path)
+
+
+def test_keep_correct_without_a_correct_trace(setup: tuple, tmp_path: Path) -> None:
+    p, traces, rows = setup
+    write_parquet([r | {"correct": False} for r in rows], TRACES, traces, read_parquet(traces, TRACES, "traces")[1])
+    p = replace(p, rollout=replace(p.rollout, keep="correct"))
+    out = tmp_path / "calibrate" / "rac.parquet"
+    with pytest.raises(RacError, match=r"rollout.keep='correct' keeps none of the 40 traces .* set rollout.keep: all"):
+        calibrate.run(p, "rac", traces, out)
+    assert not out.exists()

@@ -230,7 +230,12 @@ def _jsonl(path: Path, rows: list[dict[str, str]]) -> str:
     [
         ("missing_file", ["benchmark path", "nope.jsonl", "does not exist"]),
         ("wrong_fields", ["row 0 lacks fields ['problem', 'answer']", "expected fields: problem, answer"]),
-        ("unknown_benchmark", ["task='gsm8k' is unknown", "math500"]),
+        ("unknown_benchmark", ["task='gsm8k' is not in benchmarks", "math500"]),
+        ("unknown_kind", ["benchmarks.math500.kind='code' is unknown", "word_arithmetic"]),
+        ("bad_regex", ["benchmarks.math500.pattern='Answer: (' does not compile", "fix the regular expression"]),
+        ("unknown_vllm_option", ["vllm.options ['tensor_paralel_size'] are not vLLM engine arguments"]),
+        ("gpu_only_on_cpu", ["vllm.tensor_parallel_size=2 needs CUDA GPUs and this machine has none"]),
+        ("no_chat_template", ["has no chat template", "chat.require_template: false"]),
         ("zero_max_new_tokens", ["evaluate.max_new_tokens=0 must be > 0"]),
         ("negative_max_new_tokens", ["evaluate.max_new_tokens=-5 must be > 0"]),
         ("greedy_with_samples", ["evaluate.samples_per_problem=4 with temperature 0"]),
@@ -241,10 +246,25 @@ def test_evaluate_bad_benchmark_input(
 ) -> None:
     good = _jsonl(in_tmp / "math500.jsonl", [{"problem": "What is $1+1$?", "answer": "2"}])
     overrides = {
-        "missing_file": {"task": "math500", "benchmarks": {"math500": "nope.jsonl"}},
-        "wrong_fields": {"task": "math500", "benchmarks": {"math500": _jsonl(in_tmp / "q.jsonl", [{"question": "q"}])}},
+        "missing_file": {"task": "math500", "benchmarks": {"math500": {"path": "nope.jsonl"}}},
+        "wrong_fields": {
+            "task": "math500",
+            "benchmarks": {"math500": {"path": _jsonl(in_tmp / "q.jsonl", [{"question": "q"}])}},
+        },
         "unknown_benchmark": {"task": "gsm8k"},
-        "zero_max_new_tokens": {"task": "math500", "benchmarks": {"math500": good}, "evaluate": {"max_new_tokens": 0}},
+        "unknown_kind": {"task": "math500", "benchmarks": {"math500": {"path": good, "kind": "code"}}},
+        "bad_regex": {
+            "task": "math500",
+            "benchmarks": {"math500": {"path": good, "extractor": "regex", "pattern": "Answer: ("}},
+        },
+        "unknown_vllm_option": {"evaluate": {"backend": "vllm"}, "vllm": {"options": {"tensor_paralel_size": 2}}},
+        "gpu_only_on_cpu": {"evaluate": {"backend": "vllm"}, "vllm": {"tensor_parallel_size": 2}},
+        "no_chat_template": {"chat": {"require_template": True}},
+        "zero_max_new_tokens": {
+            "task": "math500",
+            "benchmarks": {"math500": {"path": good}},
+            "evaluate": {"max_new_tokens": 0},
+        },
         "negative_max_new_tokens": {"evaluate": {"max_new_tokens": -5}},
         "greedy_with_samples": {"evaluate": {"temperature": 0.0, "samples_per_problem": 4}},
     }[case]

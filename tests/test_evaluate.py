@@ -10,7 +10,9 @@ import pytest
 
 from stages import evaluate
 from stages.params import load_params
-from stages.tasks.math_benchmarks import INSTRUCTION
+from tests.conftest import SHIPPED_PARAMS
+
+INSTRUCTION = load_params(SHIPPED_PARAMS).benchmarks["math500"].instruction
 
 EMBEDDED = Path(__file__).parents[1] / "data" / "embedded"
 MATH500 = Path(__file__).parent / "fixtures" / "math500_tiny.jsonl"
@@ -29,7 +31,7 @@ def test_metrics_average_over_samples_and_problems() -> None:
     correct = [[True, False, False, False], [True, True, True, True]]
     lengths = [10, 20, 30, 40, 50, 60, 70, 100]
     hit_max = [False] * 7 + [True]
-    m = evaluate.metrics(correct, lengths, hit_max)
+    m = evaluate.metrics(correct, lengths, hit_max, [True] * 6 + [False] * 2)
     assert m["accuracy"] == pytest.approx(0.625)  # (1/4 + 4/4) / 2
     assert m["accuracy_se"] == pytest.approx(0.375 / math.sqrt(2))  # spread of per-problem means over 2 problems
     assert (m["pass@1"], m["pass@2"], m["pass@4"]) == pytest.approx((0.625, 0.75, 1.0))
@@ -37,18 +39,19 @@ def test_metrics_average_over_samples_and_problems() -> None:
     assert (m["mean_cot_tokens"], m["median_cot_tokens"]) == (47.5, 45.0)
     assert m["p90_cot_tokens"] == pytest.approx(79.0)
     assert m["frac_hit_max"] == 1 / 8
+    assert m["frac_parseable"] == 6 / 8
     assert not {"wall_seconds", "tokens_per_second"} & m.keys()  # volatile: in the timings, not the metrics
     assert (m["n_problems"], m["samples_per_problem"]) == (2, 4)
 
 
 def test_metrics_one_sample_is_binomial() -> None:
-    m = evaluate.metrics([[True], [False], [True], [True]], [5, 5, 5, 5], [False] * 4)
+    m = evaluate.metrics([[True], [False], [True], [True]], [5, 5, 5, 5], [False] * 4, [True] * 4)
     assert m["accuracy"] == m["pass@1"] == 0.75
     assert m["accuracy_se"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
 
 
 def test_pass_at_k_for_three_samples() -> None:
-    m = evaluate.metrics([[True, False, False]], [1, 1, 1], [False] * 3)
+    m = evaluate.metrics([[True, False, False]], [1, 1, 1], [False] * 3, [True] * 3)
     assert [k for k in m if k.startswith("pass@")] == ["pass@1", "pass@2", "pass@3"]
 
 
@@ -71,7 +74,7 @@ def test_evaluate_samples_per_problem_on_embedded(tmp_path: Path, params_file: C
 def test_evaluate_math_benchmark_file(tmp_path: Path, tiny_model_dir: Path, params_file: Callable[..., Path]) -> None:
     overrides = {
         "task": "math500",
-        "benchmarks": {"math500": str(MATH500)},
+        "benchmarks": {"math500": {"path": str(MATH500)}},
         "evaluate": {"backend": "hf", "n_problems": 5, "max_new_tokens": 4},
     }
     evaluate.run(load_params(params_file(tiny_model_dir, overrides)), str(tiny_model_dir), tmp_path)
@@ -81,3 +84,4 @@ def test_evaluate_math_benchmark_file(tmp_path: Path, tiny_model_dir: Path, para
     # An untrained model writes no \boxed{} answer in 4 tokens: nothing extracted, nothing correct, all at the max.
     assert all(r["extracted"] is None and not r["correct"] for r in samples)
     assert m["accuracy"] == 0.0 and m["frac_hit_max"] == 1.0 and m["mean_cot_tokens"] == 4.0
+    assert m["frac_parseable"] == 0.0  # the hint that the answer format is wrong

@@ -1,5 +1,6 @@
 """Fixed math benchmarks: loading MATH-500/AIME-25 files, their errors, boxed-answer extraction, math-verify grading."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -8,13 +9,23 @@ from types import SimpleNamespace
 import pytest
 
 from stages.errors import RacError
-from stages.tasks import get_task
-from stages.tasks.math_benchmarks import INSTRUCTION, MathBenchmark
+from stages.params import load_params
+from stages.tasks import BenchmarkSpec, get_task
+from tests.conftest import SHIPPED_PARAMS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MATH500 = str(FIXTURES / "math500_tiny.jsonl")
 AIME = str(FIXTURES / "aime_tiny.parquet")
-PATHS = {"math500": MATH500, "aime25": AIME}
+SHIPPED = load_params(SHIPPED_PARAMS).benchmarks
+INSTRUCTION = SHIPPED["math500"].instruction
+PATHS = {
+    "math500": dataclasses.replace(SHIPPED["math500"], path=MATH500),
+    "aime25": dataclasses.replace(SHIPPED["aime25"], path=AIME),
+}
+
+
+def _math(path: str, **changes: str) -> dict[str, BenchmarkSpec]:
+    return {"mine": dataclasses.replace(SHIPPED["math500"], path=path, **changes)}
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> str:
@@ -79,27 +90,27 @@ def test_too_many_problems() -> None:
 def test_missing_path(tmp_path: Path) -> None:
     for path in (tmp_path / "nope.jsonl", tmp_path / "nope"):
         with pytest.raises(RacError, match=r"nope.*does not exist; pass a local \.jsonl or \.parquet file"):
-            MathBenchmark("math500", str(path), "test")
+            get_task("mine", _math(str(path)))
 
 
 def test_unsupported_extension(tmp_path: Path) -> None:
     path = tmp_path / "math500.csv"
     path.write_text("problem,answer\n1+1,2\n")
     with pytest.raises(RacError, match=r"math500\.csv.*unsupported extension '\.csv'; convert it to \.jsonl or \.parq"):
-        MathBenchmark("math500", str(path), "test")
+        get_task("mine", _math(str(path)))
 
 
 def test_wrong_fields(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "aime.jsonl", [{"problem": "p", "answer": "1"}, {"question": "q", "answer": "2"}])
     with pytest.raises(RacError, match=r"row 1 lacks fields \['problem'\]; expected fields: problem, answer"):
-        MathBenchmark("aime25", path, "test")
+        get_task("mine", _math(path))
 
 
 def test_invalid_json_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"problem": "p", "answer": "1"}\n\n{"problem": \n')
     with pytest.raises(RacError, match=r"line 3 of benchmark file .*bad\.jsonl.* is not JSON"):
-        MathBenchmark("math500", str(path), "test")
+        get_task("mine", _math(str(path)))
 
 
 def test_hub_id_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,7 +122,7 @@ def test_hub_id_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
         return rows
 
     monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
-    (problem,) = get_task("math500", {"math500": "HuggingFaceH4/MATH-500"}).problems(1, 0)
+    (problem,) = get_task("math500", SHIPPED).problems(1, 0)
     assert calls == [("HuggingFaceH4/MATH-500", "test")]
     assert problem.answer == "2"
 
@@ -119,7 +130,7 @@ def test_hub_id_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_hub_id_without_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
     with pytest.raises(RacError, match=r"'HuggingFaceH4/MATH-500' is not a local file and `datasets` is not installed"):
-        get_task("math500", {"math500": "HuggingFaceH4/MATH-500"})
+        get_task("math500", SHIPPED)
 
 
 def test_hub_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,7 +139,7 @@ def test_hub_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
     with pytest.raises(RacError, match=r"the hub failed \(offline\); download the benchmark .* pass its local path"):
-        get_task("aime25", {"aime25": "math-ai/aime25"})
+        get_task("aime25", SHIPPED)
 
 
 @pytest.mark.parametrize(
@@ -176,13 +187,6 @@ def test_is_correct(completion: str, gold: str, correct: bool) -> None:
     assert get_task("math500", PATHS).is_correct(completion, gold) is correct
 
 
-def test_generic_text_refused() -> None:
-    with pytest.raises(
-        RacError, match=r"calib_task='aime25' has no generic text.*set calibrate\.generic_corpus to a C4"
-    ):
-        get_task("aime25", PATHS).generic_text(100, 0)
-
-
 def test_openr1_reads_the_train_split(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
@@ -191,21 +195,20 @@ def test_openr1_reads_the_train_split(monkeypatch: pytest.MonkeyPatch) -> None:
         return [{"problem": "p", "answer": "1", "solution": "s", "uuid": "u"}]
 
     monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
-    assert get_task("openr1_math", {"openr1_math": "open-r1/OpenR1-Math-220k"}).size == 1
+    assert get_task("openr1_math", SHIPPED).size == 1
     assert calls == [("open-r1/OpenR1-Math-220k", "train")]
 
 
-@pytest.mark.parametrize(
-    ("name", "paths", "message"),
-    [
-        (
-            "gsm8k",
-            PATHS,
-            r"task='gsm8k' is unknown; choose one of \['aime25', 'arithmetic', 'math500', 'openr1_math'\]",
-        ),
-        ("aime25", {"math500": MATH500}, r"task='aime25' has no path; set benchmarks.aime25 to a local"),
-    ],
-)
-def test_unknown_or_unconfigured_benchmark(name: str, paths: dict[str, str], message: str) -> None:
-    with pytest.raises(RacError, match=message):
-        get_task(name, paths)
+def test_unknown_benchmark() -> None:
+    with pytest.raises(RacError, match=r"task='gsm8k' is not in benchmarks; choose one of \['aime25', 'math500'\]"):
+        get_task("gsm8k", PATHS)
+
+
+def test_own_benchmark_with_its_own_answer_format(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "mine.jsonl", [{"problem": "What is 6*7?", "answer": "42"}])
+    task = get_task(
+        "mine", _math(path, instruction="End with 'Answer: N'.", extractor="regex", pattern=r"Answer: (\S+)")
+    )
+    (problem,) = task.problems(1, 0)
+    assert problem.prompt == "What is 6*7?\nEnd with 'Answer: N'."
+    assert task.is_correct("6*7 is 42. Answer: 42", "42") and not task.is_correct(r"\boxed{42}", "42")

@@ -10,9 +10,11 @@ from conftest import save_tiny_qwen2
 from stages import toy
 from stages.errors import RacError
 from stages.models import (
+    bos_ids,
     decoder_layers,
     encode_prompt,
     fingerprint,
+    identity,
     linear_groups,
     load_model,
     load_tokenizer,
@@ -55,14 +57,21 @@ def test_fingerprint_stable_for_same_dir(tiny_model_dir: Path) -> None:
     assert len(first) == 16 and all(c in "0123456789abcdef" for c in first)
 
 
-def test_fingerprint_ignores_weight_values(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Same config and shapes, different values (a pruned copy): fingerprint is about the architecture."""
+def test_fingerprint_covers_weight_values_not_the_path(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A model retrained or re-converted in place (same config and shapes, other values) is another model; a copy
+    of the same files elsewhere is the same one."""
+    shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    assert fingerprint(str(tmp_path / "copy")) == fingerprint(str(tiny_model_dir))
     model = load_model(str(tiny_model_dir), CPU)
     with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight.zero_()
-    model.save_pretrained(tmp_path)
-    load_tokenizer(str(tiny_model_dir)).save_pretrained(tmp_path)
-    assert fingerprint(str(tmp_path)) == fingerprint(str(tiny_model_dir))
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1
+    model.save_pretrained(tmp_path / "copy")
+    assert fingerprint(str(tmp_path / "copy")) != fingerprint(str(tiny_model_dir))
+    assert set(identity(str(tiny_model_dir))["files"]) == {
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
 
 
 def test_fingerprint_differs_for_other_config(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -105,7 +114,7 @@ def test_load_model_missing_path_is_rac_error() -> None:
 
 def test_encode_prompt_prepends_bos(tiny_model_dir: Path) -> None:
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    ids = encode_prompt(tokenizer, "12+3=\n")
+    ids = encode_prompt(tokenizer, "12+3=\n", "default")
     assert ids[0] == tokenizer.bos_token_id
     assert ids[1:] == toy.build_tokenizer().encode("12+3=\n", add_special_tokens=False)
     assert len(ids) == 1 + len("12+3=\n")  # character-level tokenizer: one token per character
@@ -145,4 +154,37 @@ def test_encode_prompt_applies_the_chat_template(
     expected = [tokenizer.bos_token_id, user, *chars.encode("12+3=", add_special_tokens=False), assistant]
     if think:
         expected += [think_id, *chars.encode("\n", add_special_tokens=False)]  # <think> once, never twice
-    assert encode_prompt(tokenizer, "12+3=") == expected
+    assert encode_prompt(tokenizer, "12+3=", "default") == expected
+
+
+def test_bos_only_where_the_tokenizer_adds_one(tiny_model_dir: Path) -> None:
+    with_bos = load_tokenizer(str(tiny_model_dir))
+    assert bos_ids(with_bos) == [with_bos.bos_token_id]
+    without = toy.build_tokenizer()  # a BOS token the tokenizer never adds (SmolLM2's <|im_start|> is one)
+    without.backend_tokenizer.post_processor = None
+    assert without.bos_token_id is not None and bos_ids(without) == []
+    assert encode_prompt(without, "1+2=", "default") == without.encode("1+2=", add_special_tokens=False)
+
+
+# Qwen2.5's shape: a default system turn unless the messages bring one.
+SYSTEM_DEFAULT = (
+    "{% if messages[0]['role'] != 'system' %}<|s|>be brief.{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}<|s|>{% else %}<|user|>{% endif %}{{ m['content'] }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("system_prompt", "rendered"),
+    [
+        ("default", "<|s|>be brief.<|user|>1+2=<|assistant|>"),
+        ("none", "<|s|><|user|>1+2=<|assistant|>"),
+        ("think.", "<|s|>think.<|user|>1+2=<|assistant|>"),
+    ],
+)
+def test_system_prompt_param(system_prompt: str, rendered: str) -> None:
+    tokenizer = toy.build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|s|>", "<|user|>", "<|assistant|>"]})
+    tokenizer.chat_template = SYSTEM_DEFAULT
+    ids = encode_prompt(tokenizer, "1+2=", system_prompt)
+    assert tokenizer.decode(ids) == rendered

@@ -1,13 +1,23 @@
-"""The embedded arithmetic task: a correct digit-by-digit CoT, an exact grader, seeded problems, generic text."""
+"""The embedded tasks: arithmetic's digit-by-digit CoT and exact grader, word problems, seeded problems, the
+benchmark settings (instruction, extractor, kind), and calibration/evaluation overlap."""
 
+import dataclasses
 import random
 
 import pytest
 
-from stages.tasks import get_task
-from stages.tasks.arithmetic import ALPHABET, MAX_DIGITS, MIN_DIGITS, Arithmetic, chain_of_thought
+from stages.corpus import documents, word_sentences
+from stages.errors import RacError
+from stages.params import load_params
+from stages.tasks import Benchmark, calibration_problems, check_benchmark, get_task, normalized
+from stages.tasks.answers import extractor
+from stages.tasks.arithmetic import ALPHABET, MAX_DIGITS, MIN_DIGITS, chain_of_thought
+from tests.conftest import SHIPPED_PARAMS
 
-TASK = Arithmetic()
+MATH500 = str(SHIPPED_PARAMS.parent / "tests" / "fixtures" / "math500_tiny.jsonl")
+
+BENCHMARKS = load_params(SHIPPED_PARAMS).benchmarks
+TASK = get_task("arithmetic", BENCHMARKS)
 
 
 def _pairs(n: int, seed: int) -> list[tuple[int, int]]:
@@ -47,8 +57,8 @@ def test_chain_of_thought_lines_are_digit_steps() -> None:
         ("#### 46 because", "46", None, False),  # the answer must end the completion
         ("#### 12\n#### 46", "46", "46", True),  # the final #### counts
         ("#### 46\n#### 12", "46", "12", False),
-        ("#### -46", "-46", None, False),
-        ("####46", "46", None, False),
+        ("#### -46", "-46", "-46", True),
+        ("####46", "46", None, False),  # `#### ` then the number, as the model was taught
         ("", "0", None, False),
     ],
 )
@@ -67,7 +77,7 @@ def test_problems_deterministic_per_seed() -> None:
 def test_problems_are_well_formed() -> None:
     for problem in TASK.problems(200, 3):
         a, b = problem.prompt.removesuffix("=\n").split("+")
-        assert problem.prompt == f"{a}+{b}=\n"
+        assert problem.prompt == problem.text == f"{a}+{b}=\n"  # no instruction: the model never saw one
         assert MIN_DIGITS <= len(a) <= MAX_DIGITS and MIN_DIGITS <= len(b) <= MAX_DIGITS
         assert a[0] != "0" and b[0] != "0"
         assert problem.answer == str(int(a) + int(b))
@@ -83,15 +93,104 @@ def test_cot_several_times_longer_than_prompt() -> None:
 
 
 @pytest.mark.parametrize(("n_chars", "seed"), [(1, 0), (100, 1), (5000, 2)])
-def test_generic_text(n_chars: int, seed: int) -> None:
-    text = TASK.generic_text(n_chars, seed)
+def test_embedded_generic_text(n_chars: int, seed: int) -> None:
+    text = word_sentences(n_chars, seed)
     assert len(text) >= n_chars
     assert set(text) <= set(ALPHABET)
-    assert text == TASK.generic_text(n_chars, seed)
-    assert text != TASK.generic_text(n_chars, seed + 1)
+    assert text == word_sentences(n_chars, seed)
+    assert text != word_sentences(n_chars, seed + 1)
+    assert documents("embedded", n_chars, seed) == [text]
+
+
+def test_python_docs_corpus_is_real_prose() -> None:
+    docs = documents("python-docs", 0, 0)
+    assert len(docs) > 50 and sum(map(len, docs)) > 300_000  # the Python reference: ~465 KB on 3.11
+    assert sorted(docs) == sorted(documents("python-docs", 0, 1)) and docs != documents("python-docs", 0, 1)
+    assert any('The "if" statement is used for conditional execution' in d for d in docs)
+
+
+def test_unknown_corpus_names_the_choices() -> None:
+    with pytest.raises(RacError, match=r"generic_corpus='c4\.jsonl' is neither a built-in corpus \['embedded'"):
+        documents("c4.jsonl", 10, 0)
 
 
 def test_get_task() -> None:
-    assert isinstance(get_task("arithmetic", {}), Arithmetic)
-    with pytest.raises(ValueError, match="'nope'"):
-        get_task("nope", {})
+    assert isinstance(get_task("arithmetic", BENCHMARKS), Benchmark)
+    with pytest.raises(RacError, match=r"task='nope' is not in benchmarks; choose one of \['aime25', 'arithmetic'"):
+        get_task("nope", BENCHMARKS)
+
+
+def test_any_benchmark_name() -> None:
+    mine = {"my_sums": BENCHMARKS["arithmetic"]}
+    task = get_task("my_sums", mine)
+    assert task.name == "my_sums" and task.problems(3, 0) == TASK.problems(3, 0)
+
+
+def test_word_problems_are_seeded_and_gradeable() -> None:
+    task = get_task("word_arithmetic", BENCHMARKS)
+    problems = task.problems(300, 5)
+    assert problems == task.problems(300, 5) and problems != task.problems(300, 6)
+    assert all(p.prompt == f"{p.text}\nAnswer with the final number on the last line." for p in problems)
+    assert all(int(p.answer) >= 0 and task.is_correct(p.solution, p.answer) for p in problems)
+    assert task.is_correct("So she has 12.0 apples", "12") and not task.is_correct("12 apples, no 13", "12")
+    assert task.extract_answer("She has 1,204 stamps.") == "1204"
+    assert task.extract_answer("no digits here") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern", "text", "expected"),
+    [
+        ("boxed", None, r"so \boxed{\frac{1}{2}} and", r"\frac{1}{2}"),
+        ("hashes", None, "work\n#### 1,234\n", "1234"),
+        ("hashes", None, "#### 12 then more", None),
+        ("last_number", None, "3 cats and -4.5 dogs", "-4.5"),
+        ("regex", r"Answer: (\w+)", "Answer: x ... Answer: yes", "yes"),
+        ("regex", r"\d+!", "1! 22!", "22!"),  # no group: the whole last match
+        ("regex", r"Answer: (\w+)", "nothing", None),
+    ],
+)
+def test_extractors(name: str, pattern: str | None, text: str, expected: str | None) -> None:
+    assert extractor(name, pattern, "benchmarks.x")(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"kind": "code"}, r"benchmarks.arithmetic.kind='code' is unknown; choose one of \['arithmetic', 'math'"),
+        (
+            {"extractor": "regex", "pattern": "Answer: (\\w+"},
+            r"benchmarks.arithmetic.pattern='Answer: \(\\\\w\+' does not compile \(missing \), unterminated subpattern",
+        ),
+        ({"extractor": "regex"}, r"benchmarks.arithmetic.pattern is not set; the regex extractor needs a pattern"),
+        (
+            {"extractor": "first_word"},
+            r"benchmarks.arithmetic.extractor='first_word' is unknown; choose one of \['boxed'",
+        ),
+        ({"pattern": "x"}, r"benchmarks.arithmetic.pattern is set but extractor='hashes' ignores it"),
+        ({"path": "x.jsonl"}, r"benchmarks.arithmetic.path='x.jsonl' is set but kind 'arithmetic' generates"),
+        ({"kind": "math"}, r"benchmarks.arithmetic.path is not set; point it at a local .jsonl/.parquet"),
+    ],
+)
+def test_bad_benchmark_settings(changes: dict[str, str], message: str) -> None:
+    with pytest.raises(RacError, match=message):
+        check_benchmark("arithmetic", dataclasses.replace(BENCHMARKS["arithmetic"], **changes))
+
+
+def test_generator_calibration_skips_evaluation_problems() -> None:
+    task = get_task("word_arithmetic", BENCHMARKS)
+    held_out = {normalized(p.text) for p in task.problems(300, 1234)}
+    drawn = task.problems(500, 0)
+    assert any(normalized(p.text) in held_out for p in drawn)  # 3 of 500 collide by chance with these seeds
+    kept = calibration_problems(task, 500, 0, held_out, allow_overlap=False)
+    assert len(kept) == 500 and not any(normalized(p.text) in held_out for p in kept)
+    assert [p for p in drawn if normalized(p.text) not in held_out] == kept[: 500 - 3]
+    assert calibration_problems(task, 500, 0, held_out, allow_overlap=True) == drawn
+
+
+def test_fixed_benchmark_overlap_is_refused() -> None:
+    task = get_task("math500", {"math500": dataclasses.replace(BENCHMARKS["math500"], path=MATH500)})
+    held_out = {normalized(p.text) for p in task.problems(2, 1234)}
+    with pytest.raises(RacError, match=r"2 of 5 calibration problems of calib_task='math500' are also evaluation"):
+        calibration_problems(task, 5, 0, held_out, allow_overlap=False)
+    assert len(calibration_problems(task, 5, 0, held_out, allow_overlap=True)) == 5
+    assert normalized("  What is\n$1+1$? ") == normalized("what IS $1+1$?")

@@ -9,19 +9,11 @@ longer, rambling outputs are measurable.
 """
 
 import random
-import re
 
-from stages.tasks.base import Problem
+from stages.tasks.base import Item
 
 ALPHABET = "0123456789+=# \n.abcdefghijklmnopqrstuvwxyz"
 MIN_DIGITS, MAX_DIGITS = 2, 6
-_ANSWER_RE = re.compile(r"#### (\d+)\s*$")
-_WORDS = (
-    "the a one some every small big old new red blue green cat dog bird fish tree house road "
-    "river hill boat car man woman child friend teacher farmer sees finds likes takes makes "
-    "walks runs sings reads writes near under over with from into and but then slowly quickly "
-    "today often never always here there happy quiet bright dark"
-).split()
 
 
 def chain_of_thought(a: int, b: int) -> str:
@@ -40,12 +32,11 @@ def chain_of_thought(a: int, b: int) -> str:
 
 
 class Arithmetic:
-    """Addition of two operands of 2 to 6 digits, graded exactly on the ``####`` answer."""
+    """Addition of two operands of 2 to 6 digits, graded by exact match of the answer string."""
 
-    name = "arithmetic"
     size = None
 
-    def problems(self, n: int, seed: int) -> list[Problem]:
+    def items(self, n: int, seed: int) -> list[Item]:
         """``n`` problems with operand lengths drawn uniformly, seeded."""
         rng = random.Random(seed)
         out = []
@@ -54,25 +45,10 @@ class Arithmetic:
                 rng.randrange(10 ** (k - 1), 10**k)
                 for k in (rng.randint(MIN_DIGITS, MAX_DIGITS), rng.randint(MIN_DIGITS, MAX_DIGITS))
             )
-            out.append(Problem(prompt=f"{a}+{b}=\n", solution=chain_of_thought(a, b), answer=str(a + b)))
+            out.append(Item(text=f"{a}+{b}=\n", solution=chain_of_thought(a, b), answer=str(a + b)))
         return out
 
-    def extract_answer(self, completion: str) -> str | None:
-        """The digits after the final ``####``, or None."""
-        match = _ANSWER_RE.search(completion)
-        return match.group(1) if match else None
-
-    def is_correct(self, completion: str, answer: str) -> bool:
-        """Exact match of the extracted answer."""
-        return self.extract_answer(completion) == answer
-
-    def generic_text(self, n_chars: int, seed: int) -> str:
-        """English-like sentences made of a small word list, at least ``n_chars`` long."""
-        rng = random.Random(seed)
-        sentences: list[str] = []
-        size = 0
-        while size < n_chars:
-            sentence = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 12))) + "."
-            sentences.append(sentence)
-            size += len(sentence) + 1
-        return " ".join(sentences)
+    @staticmethod
+    def grade(predicted: str, answer: str) -> bool:
+        """Exact match: the embedded model writes the digits it was taught, so ``046`` is wrong for 46."""
+        return predicted == answer
