@@ -196,13 +196,15 @@ def file_digest(file: Path) -> str:
 
 
 def identity(model: str) -> dict[str, Any]:
-    """What the dense model is: its architecture config, the sha256 of every weight file and of every tokenizer
-    and chat-template file. Retraining or re-converting a model at the same path changes it; moving it does not."""
+    """What the dense model is: the sha256 of each file it is made of (config, generation config, weights and
+    their index, tokenizer and chat template). Retraining or re-converting a model at the same path changes it;
+    moving or copying it does not."""
     directory = model_dir(model)
-    volatile = {"transformers_version", "_name_or_path", "dtype", "torch_dtype"}
-    config = {k: v for k, v in AutoConfig.from_pretrained(directory).to_dict().items() if k not in volatile}
-    files = sorted(directory.glob("*.safetensors")) + tokenizer_files(str(directory))
-    return {"config": config, "files": {f.name: file_digest(f) for f in files}}
+    files = [directory / "config.json", *sorted(directory.glob("*.safetensors")), *tokenizer_files(str(directory))]
+    files += [
+        f for f in (directory / "generation_config.json", directory / "model.safetensors.index.json") if f.is_file()
+    ]
+    return {"files": {f.name: file_digest(f) for f in sorted(files)}}
 
 
 def fingerprint(model: str) -> str:

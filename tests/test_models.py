@@ -68,6 +68,8 @@ def test_fingerprint_covers_weight_values_not_the_path(tiny_model_dir: Path, tmp
     model.save_pretrained(tmp_path / "copy")
     assert fingerprint(str(tmp_path / "copy")) != fingerprint(str(tiny_model_dir))
     assert set(identity(str(tiny_model_dir))["files"]) == {
+        "config.json",
+        "generation_config.json",
         "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
