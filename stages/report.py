@@ -2,9 +2,11 @@
 calibration source), ``summary.csv`` (the data behind the dvc plots) and ``summary.png``.
 
 The stage's outs hold no wall times, so they are pure functions of the metrics. With ``--experiments`` it
-reads ``dvc exp show --json`` instead (metrics and the ``data/timings`` files) and writes the sparsity sweep:
-``table.md`` (the paper's table 1: rows sparsity, columns source, accuracy ± SE and evaluation time;
-then mean CoT length and rambling), ``sweep.csv`` (behind the dvc plots) and ``figure1.png``.
+reads ``dvc exp show --json`` instead (metrics and the ``data/timings`` files) and writes the sweep over the
+one param (a dotted key such as ``sparsity`` or ``evaluate.max_new_tokens``) in which experiments differ from
+the workspace: ``table.md`` (the paper's table 1: rows the key's values, columns source, accuracy ± SE and
+evaluation time; then mean CoT length and rambling), ``sweep.csv`` (its first column named by the key; behind
+the dvc plots) and ``figure1.png``.
 """
 
 import csv
@@ -13,7 +15,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -111,6 +113,46 @@ def exp_show() -> list[dict[str, Any]]:
     return json.loads(proc.stdout)
 
 
+# A param's value as a sweep point: a scalar of params.yaml, or a list or empty mapping as JSON text.
+Value = float | int | str | bool | None
+Models = dict[str, dict[str, float]]
+
+SWEEP_FIELDS = ("accuracy", "accuracy_se", "wall_seconds", "mean_cot_tokens", "frac_hit_max")
+
+
+class Sweep(NamedTuple):
+    """Metrics by value of the one swept param ``key`` (dotted), then by model (dense and each source)."""
+
+    key: str
+    points: dict[Value, Models]
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Value]:
+    """``params`` with nested mappings flattened to dotted keys (``prune.mix.prompt``); a list or an empty mapping
+    stays one value, as JSON text."""
+    out: dict[str, Value] = {}
+    for name, value in params.items():
+        dotted = f"{prefix}{name}"
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{dotted}.")
+        elif isinstance(value, list | dict):
+            out[dotted] = json.dumps(value)
+        else:
+            out[dotted] = value
+    return out
+
+
+def _is_number(value: Value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _label(value: Value) -> str:
+    """``value`` as a table cell or tick label: floats as ``%g``, strings as they are, the rest as JSON."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _revisions(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every revision in ``dvc exp show --json``: the workspace, baselines, and their experiments."""
     out = []
@@ -121,106 +163,163 @@ def _revisions(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def sweep_points(entries: list[dict[str, Any]], sources: list[str]) -> dict[float, dict[str, dict[str, float]]]:
-    """Metrics by sparsity and model (dense and ``sources``) of every finished revision whose params differ from
-    the first revision's (the workspace) in ``sparsity`` alone; the newest revision wins a tie."""
+def _revision_params(revision: dict[str, Any]) -> dict[str, Value]:
+    return flatten(revision["data"]["params"].get("params.yaml", {}).get("data", {}))
+
+
+def sweep_points(entries: list[dict[str, Any]], sources: list[str], key: str | None) -> Sweep:
+    """Metrics of every finished revision whose params differ from the first revision's (the workspace) in one key
+    alone, by that key's value, the workspace's own included; ``key`` picks the key where experiments vary several.
+
+    The newest revision wins a tie. Rows ascend by value where every value is a number, else by their text.
+    """
     revisions = [r for r in _revisions(entries) if r.get("data") and not r.get("error")]
     if not revisions:
         raise RacError("`dvc exp show` lists no revisions; commit the project and run `dvc exp run` first")
-
-    def params(revision: dict[str, Any]) -> dict[str, Any]:
-        return revision["data"]["params"].get("params.yaml", {}).get("data", {})
-
-    reference = {k: v for k, v in params(revisions[0]).items() if k != "sparsity"}
+    reference = _revision_params(revisions[0])
     newest_first = sorted(revisions, key=lambda r: r["data"]["timestamp"] or "9999", reverse=True)
     names = ["dense", *sources]
-    points: dict[float, dict[str, dict[str, float]]] = {}
+    needed = [path(n) for n in names for path in (_metrics_path, _timings_path)]
+    found: list[tuple[str | None, dict[str, Value], Models]] = []  # (the key it varies, its params, its metrics)
     for revision in newest_first:
-        values, metrics = params(revision), revision["data"].get("metrics") or {}
-        if {k: v for k, v in values.items() if k != "sparsity"} != reference:
-            name = revision.get("name") or revision["rev"]
-            log.info("sweep: skipping %s, whose params differ in more than sparsity", name)
+        values = _revision_params(revision)
+        differing = sorted(
+            k
+            for k in reference.keys() | values.keys()
+            if k not in reference or k not in values or reference[k] != values[k]
+        )
+        if len(differing) > 1:
+            log.info(
+                "sweep: skipping %s, whose params differ in %s", revision.get("name") or revision["rev"], differing
+            )
             continue
-        needed = [path(n) for n in names for path in (_metrics_path, _timings_path)]
-        if any(path not in metrics for path in needed) or values["sparsity"] in points:
+        metrics = revision["data"].get("metrics") or {}
+        if any(path not in metrics for path in needed):
             continue
-        points[values["sparsity"]] = {
+        models = {
             n: metrics[_metrics_path(n)]["data"] | {"wall_seconds": metrics[_timings_path(n)]["data"]["wall_seconds"]}
             for n in names
         }
-    if not points:
+        found.append((differing[0] if differing else None, values, models))
+    if not found:
         raise RacError("no finished experiment has metrics for every source; run `dvc queue start` and wait for it")
-    return dict(sorted(points.items()))
+    varied = sorted({k for k, _, _ in found if k is not None})
+    if key is None and len(varied) > 1:
+        raise RacError(f"the experiments vary different params {varied}; pass --key with one of them")
+    if key is None and not varied:
+        raise RacError("no finished experiment differs from the workspace in one param; run `dvc exp run -S KEY=VALUE`")
+    if key is not None and key not in reference and key not in varied:
+        raise RacError(f"--key {key!r} is not a param of the experiments; pass one of {varied or sorted(reference)}")
+    key = key or varied[0]
+    points: dict[Value, Models] = {}
+    for varies, values, models in found:
+        if varies in (None, key):
+            points.setdefault(values.get(key), models)  # a key the revision lacks reads as None
+    order = sorted(points) if all(map(_is_number, points)) else sorted(points, key=_label)
+    return Sweep(key, {value: points[value] for value in order})
 
 
-def sweep_table(p: Params, points: dict[float, dict[str, dict[str, float]]]) -> str:
-    """The paper's table 1 (accuracy ± SE, evaluation time) and a CoT length and rambling table, in Markdown."""
-    dense = next(iter(points.values()))["dense"]
-    head = (
-        f"Pruner `{p.pruner}` on `{p.model}` ({p.task}, {dense['n_problems']} held-out problems); "
-        f"dense: {dense['accuracy']:.3f} ± {dense['accuracy_se']:.3f}, {dense['wall_seconds']:.1f} s, "
-        f"mean CoT {dense['mean_cot_tokens']:.1f} tokens, hit max {dense['frac_hit_max']:.3f}\n\n"
-    )
-    columns = " | ".join(p.sources)
-    rule = "| --- " * (len(p.sources) + 1) + "|"
-    accuracy = [f"| sparsity | {columns} |", rule]
-    length = [f"| sparsity | {columns} |", rule]
-    for sparsity, models in points.items():
-        cells = [models[s] for s in p.sources]
-        accuracy.append(
-            f"| {sparsity:g} | "
-            + " | ".join(f"{m['accuracy']:.3f} ± {m['accuracy_se']:.3f} ({m['wall_seconds']:.1f} s)" for m in cells)
-            + " |"
+def _fields(points: dict[Value, Models]) -> tuple[str, ...]:
+    """The fields of each model in the sweep, ``frac_parseable`` too where every model of every point has it."""
+    parseable = all("frac_parseable" in m for models in points.values() for m in models.values())
+    return (*SWEEP_FIELDS, "frac_parseable") if parseable else SWEEP_FIELDS
+
+
+def _dense_varies(points: dict[Value, Models]) -> bool:
+    """Whether the dense model's metrics (not its wall time) differ between points: the key changes its evaluation."""
+    dense = [{k: v for k, v in models["dense"].items() if k != "wall_seconds"} for models in points.values()]
+    return len({json.dumps(m, sort_keys=True) for m in dense}) > 1
+
+
+def sweep_table(p: Params, sweep: Sweep) -> str:
+    """The paper's table 1 (rows the swept key's values, columns the sources, accuracy ± SE and evaluation time) and
+    a CoT length and rambling table, in Markdown; dense is a column where the key changes it, else in the head."""
+    key, points = sweep
+    parseable = "frac_parseable" in _fields(points)
+    columns = ["dense", *p.sources] if _dense_varies(points) else p.sources
+
+    def accuracy(m: dict[str, float]) -> str:
+        return f"{m['accuracy']:.3f} ± {m['accuracy_se']:.3f} ({m['wall_seconds']:.1f} s)"
+
+    def length(m: dict[str, float]) -> str:
+        return f"{m['mean_cot_tokens']:.1f} / {m['frac_hit_max']:.3f}" + (
+            f" / {m['frac_parseable']:.3f}" if parseable else ""
         )
-        length.append(
-            f"| {sparsity:g} | "
-            + " | ".join(f"{m['mean_cot_tokens']:.1f} / {m['frac_hit_max']:.3f}" for m in cells)
-            + " |"
-        )
-    return (
-        head
-        + "Accuracy ± SE (evaluation wall time)\n\n"
-        + "\n".join(accuracy)
-        + "\n\nMean CoT tokens / fraction that hit max_new_tokens\n\n"
-        + "\n".join(length)
-        + "\n"
+
+    length_title = "Mean CoT tokens / fraction that hit max_new_tokens" + (
+        " / fraction with a parseable answer" if parseable else ""
     )
+    context = {
+        "pruner": f"pruner `{p.pruner}`",
+        "sparsity": f"sparsity {p.sparsity:g}",
+        "model": f"`{p.model}`",
+        "task": p.task,
+    }
+    problems = ", ".join(sorted({str(models["dense"]["n_problems"]) for models in points.values()}))
+    head = f"Sweep of `{key}`: " + ", ".join(text for name, text in context.items() if name != key)
+    head += f"; {problems} held-out problems"
+    if "dense" not in columns:
+        dense = next(iter(points.values()))["dense"]
+        head += f"; dense: {accuracy(dense)}, mean CoT / hit max{' / parseable' if parseable else ''} {length(dense)}"
+    header = [f"| {key} | " + " | ".join(columns) + " |", "| --- " * (len(columns) + 1) + "|"]
+    sections = []
+    for title, cell in (("Accuracy ± SE (evaluation wall time)", accuracy), (length_title, length)):
+        rows = [
+            f"| {_label(v)} | " + " | ".join(cell(models[c]) for c in columns) + " |" for v, models in points.items()
+        ]
+        sections.append(f"{title}\n\n" + "\n".join(header + rows) + "\n")
+    return head + "\n\n" + "\n".join(sections)
 
 
-def plot_sweep(p: Params, points: dict[float, dict[str, dict[str, float]]], path: Path) -> None:
-    """The paper's figure 1: accuracy and evaluation time against sparsity, one line per source, dense dashed;
-    between them the mean CoT length, which drives the time when generation is not batched away."""
-    sparsities = list(points)
-    dense = points[sparsities[0]]["dense"]
+def plot_sweep(p: Params, sweep: Sweep, path: Path) -> None:
+    """The paper's figure 1: accuracy, mean CoT length (which drives the time when generation is not batched away)
+    and evaluation time against the swept key, per model (dense grey): lines for a numeric key, else grouped bars."""
+    key, points = sweep
+    values, names = list(points), ["dense", *p.sources]
+    numeric = all(map(_is_number, values))
+    width = 0.8 / len(names)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     panels = [("accuracy", "accuracy"), ("mean_cot_tokens", "mean CoT tokens"), ("wall_seconds", "evaluation wall s")]
-    for ax, (key, label) in zip(axes, panels, strict=True):
-        for source in p.sources:
-            values = [points[x][source][key] for x in sparsities]
-            se = [points[x][source]["accuracy_se"] for x in sparsities] if key == "accuracy" else None
-            ax.errorbar(sparsities, values, yerr=se, marker="o", capsize=3, label=source)
-        ax.axhline(dense[key], color="grey", linestyle="--", label="dense")
-        ax.set(xlabel="sparsity", ylabel=label)
+    for ax, (field, label) in zip(axes, panels, strict=True):
+        for i, name in enumerate(names):
+            ys = [points[v][name][field] for v in values]
+            se = [points[v][name]["accuracy_se"] for v in values] if field == "accuracy" else None
+            grey = {"color": "grey"} if name == "dense" else {}
+            if numeric:
+                style = "--" if name == "dense" else "-"
+                ax.errorbar(values, ys, yerr=se, marker="o", capsize=3, linestyle=style, label=name, **grey)
+            else:
+                xs = [x + (i - (len(names) - 1) / 2) * width for x in range(len(values))]
+                ax.bar(xs, ys, width, yerr=se, capsize=3, label=name, **grey)
+        if not numeric:
+            ax.set_xticks(range(len(values)), [_label(v) for v in values])
+        ax.set(xlabel=key, ylabel=label)
     axes[0].set_ylim(0, 1.05)
-    axes[1].axhline(p.evaluate.max_new_tokens, color="black", linestyle=":", label="max_new_tokens")
-    axes[1].legend(loc="center right")
-    fig.suptitle(f"{p.pruner} on {p.model}: accuracy, CoT length and evaluation time against sparsity")
+    if numeric and key == "evaluate.max_new_tokens":
+        axes[1].plot(values, values, color="black", linestyle=":", label="max_new_tokens")
+    else:
+        axes[1].axhline(p.evaluate.max_new_tokens, color="black", linestyle=":", label="max_new_tokens")
+    axes[1].legend(loc="best")
+    fig.suptitle(f"{p.model}: accuracy, CoT length and evaluation time against {key}")
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
-def run_experiments(p: Params, out: Path) -> None:
-    """Write the sparsity sweep of the experiments in ``dvc exp show`` into ``out``."""
-    points = sweep_points(exp_show(), p.sources)
-    fields = ("accuracy", "accuracy_se", "wall_seconds", "mean_cot_tokens", "frac_hit_max")
+def run_experiments(p: Params, out: Path, key: str | None) -> None:
+    """Write the sweep over ``key`` (or the one key the experiments vary) of the experiments in ``dvc exp show``."""
+    sweep = sweep_points(exp_show(), p.sources, key)
+    fields, names = _fields(sweep.points), ["dense", *p.sources]
     with atomic_path(out / "sweep.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["sparsity", *(f"{n}_{c}" for n in ["dense", *p.sources] for c in fields)])
-        for sparsity, models in points.items():
-            writer.writerow([sparsity, *(models[n][c] for n in ["dense", *p.sources] for c in fields)])
+        writer.writerow([sweep.key, *(f"{n}_{c}" for n in names for c in fields)])
+        for value, models in sweep.points.items():
+            writer.writerow(
+                [value if _is_number(value) else _label(value), *(models[n][c] for n in names for c in fields)]
+            )
     with atomic_path(out / "figure1.png") as tmp:
-        plot_sweep(p, points, tmp)
+        plot_sweep(p, sweep, tmp)
+    table = sweep_table(p, sweep)
     with atomic_path(out / "table.md") as tmp:
-        tmp.write_text(sweep_table(p, points))
-    log.info("sweep over %d sparsities:\n%s", len(points), sweep_table(p, points))
+        tmp.write_text(table)
+    log.info("sweep of %s over %d values:\n%s", sweep.key, len(sweep.points), table)

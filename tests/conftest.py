@@ -115,11 +115,11 @@ def r1(model_cache: Path) -> Path:
     return _built("r1-distill-tiny", model_cache)
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -131,7 +131,7 @@ def params_file(tmp_path: Path) -> Callable[..., Path]:
 
     def make(model: Path | str, overrides: dict[str, Any] | None = None) -> Path:
         raw = yaml.safe_load(SHIPPED_PARAMS.read_text())
-        raw = _merge(raw, {"model": str(model), **(overrides or {})})
+        raw = merge(raw, {"model": str(model), **(overrides or {})})
         path = tmp_path / "params.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         return path
@@ -183,7 +183,7 @@ def dvc_project(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     shutil.copytree(ROOT / "data" / "embedded", repo / "data" / "embedded")
-    params = _merge(yaml.safe_load(SHIPPED_PARAMS.read_text()), overrides)
+    params = merge(yaml.safe_load(SHIPPED_PARAMS.read_text()), overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_cmd(["git", "init", "-q", "-b", "main"], repo)
     run_cmd([*DVC, "init", "-q"], repo)

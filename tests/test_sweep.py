@@ -41,7 +41,8 @@ def test_queued_sweep_gives_table_and_figure(tmp_path: Path) -> None:
     assert [float(r["sparsity"]) for r in rows] == [0.3, 0.5, 0.6, 0.7]  # three experiments and the baseline
     table = (sweep / "table.md").read_text()
     shown = json.loads(run_cmd([*DVC, "exp", "show", "--json"], repo))
-    points = report.sweep_points(shown, params["sources"])
+    key, points = report.sweep_points(shown, params["sources"], None)
+    assert key == "sparsity" and table.startswith("Sweep of `sparsity`: pruner `sparsegpt`")
     for sparsity, models in points.items():
         for source in params["sources"]:
             m = models[source]

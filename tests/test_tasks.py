@@ -180,10 +180,11 @@ def test_generator_calibration_skips_evaluation_problems() -> None:
     task = get_task("word_arithmetic", BENCHMARKS)
     held_out = {normalized(p.text) for p in task.problems(300, 1234)}
     drawn = task.problems(500, 0)
-    assert any(normalized(p.text) in held_out for p in drawn)  # 3 of 500 collide by chance with these seeds
+    fresh = [p for p in drawn if normalized(p.text) not in held_out]
+    assert 0 < 500 - len(fresh) < 100  # small numbers: some problems recur by chance
     kept = calibration_problems(task, 500, 0, held_out, allow_overlap=False)
     assert len(kept) == 500 and not any(normalized(p.text) in held_out for p in kept)
-    assert [p for p in drawn if normalized(p.text) not in held_out] == kept[: 500 - 3]
+    assert kept[: len(fresh)] == fresh  # the same stream, with others drawn in place of the clashes
     assert calibration_problems(task, 500, 0, held_out, allow_overlap=True) == drawn
 
 
