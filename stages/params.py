@@ -377,7 +377,7 @@ def apply_preset(params_path: Path, preset_path: Path) -> Params:
     if not isinstance(preset, dict):
         raise RacError(f"preset {str(preset_path)!r} must hold a mapping of params.yaml keys")
     if isinstance(preset.get("model"), str) and looks_local(preset["model"]):
-        check_model_dir(Path(preset["model"]))  # a local model must exist and be whole; hub ids load later
+        check_model_dir(Path(preset["model"]).expanduser())  # a local model must exist and be whole; hub ids load later
     yaml = YAML()  # round trip: params.yaml keeps its comments and order
     yaml.preserve_quotes = True
     yaml.representer.add_representer(
