@@ -380,6 +380,7 @@ def apply_preset(params_path: Path, preset_path: Path) -> Params:
         check_model_dir(Path(preset["model"]).expanduser())  # a local model must exist and be whole; hub ids load later
     yaml = YAML()  # round trip: params.yaml keeps its comments and order
     yaml.preserve_quotes = True
+    yaml.width = 4096  # no re-wrapping of long lines
     yaml.representer.add_representer(
         type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
     )  # `key: null`, as written, rather than `key:`
