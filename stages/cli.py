@@ -154,11 +154,13 @@ def rollout(params_path: Path, out: Path, model: str | None, timings: Path | Non
 @click.option("--source", required=True, help="generic | prompt | rac")
 @click.option("--traces", type=click.Path(path_type=Path), required=True, help="Traces Parquet (read for rac).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Calibration Parquet to write.")
-def calibrate(params_path: Path, source: str, traces: Path, out: Path) -> None:
+@TIMINGS_OPTION
+def calibrate(params_path: Path, source: str, traces: Path, out: Path, timings: Path | None) -> None:
     """Build one source's calibration sequences under the shared token budget."""
     from stages import calibrate as stage
 
-    stage.run(_params(params_path), source, traces, out)
+    p = _params(params_path)
+    _timed("calibrate", timings, lambda: stage.run(p, source, traces, out))
 
 
 @main.group(cls=RacGroup, invoke_without_command=True)
@@ -247,11 +249,13 @@ def evaluate(params_path: Path, model: str | None, dense: bool, out: Path, timin
 @PARAMS_OPTION
 @click.option("--pruned", type=click.Path(path_type=Path), required=True, help="Directory of pruned models by source.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for errors, metrics, heatmap.")
-def analyze(params_path: Path, pruned: Path, out: Path) -> None:
+@TIMINGS_OPTION
+def analyze(params_path: Path, pruned: Path, out: Path, timings: Path | None) -> None:
     """Per-token error of each pruned model along the dense model's greedy rollouts (the paper's figure 2)."""
     from stages import analyze as stage
 
-    stage.run(_params(params_path), pruned, out)
+    p = _params(params_path)
+    _timed("analyze", timings, lambda: stage.run(p, pruned, out))
 
 
 @main.command()
