@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from stages.errors import RacError
 from stages.generation import (
@@ -160,3 +161,17 @@ def test_unknown_vllm_option_fails_before_loading(tmp_path: Path) -> None:
     engine = dataclasses.replace(p.vllm, options={"no_such_option": 1})
     with pytest.raises(RacError, match=r"\['no_such_option'\] are not vLLM engine arguments"):
         generate(str(EMBEDDED), [[1, 5]], dataclasses.replace(p.rollout, backend="vllm"), 1, engine)
+
+
+@pytest.mark.gpu
+def test_data_parallel_engines_match_one_engine_on_gpus() -> None:
+    """CUDA vLLM: two engines on a shard of the prompts each give the greedy completions of one engine."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("data parallelism needs 2 GPUs")
+    p = load_params(Path(__file__).parents[1] / "params.yaml")
+    tokenizer, task = load_tokenizer(str(EMBEDDED)), get_task(p.task, p.benchmarks)
+    prompts = [encode_prompt(tokenizer, pr.prompt, p.chat.system_prompt) for pr in task.problems(8, 5)]
+    greedy = dataclasses.replace(p.evaluate, backend="vllm", temperature=0.0, max_new_tokens=64)
+    one = generate(str(EMBEDDED), prompts, greedy, 1, p.vllm)
+    two = generate(str(EMBEDDED), prompts, greedy, 1, dataclasses.replace(p.vllm, data_parallel_size=2))
+    assert two == one
