@@ -281,3 +281,14 @@ def test_r1_loads_in_vllm_and_stops_at_eos(r1: Path) -> None:
     assert free.finish_reason == "length" and len(free.token_ids) == 8
     # vLLM reads EOS from the directory (generation_config / tokenizer) and stops there, keeping the id.
     assert forced.finish_reason == "stop" and list(forced.token_ids) == [151643]
+
+
+def test_unknown_real_model_is_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from stages.cli import main
+    from tests.conftest import assert_bad_input
+
+    result = CliRunner().invoke(main, ["real-model", "llama-7b", "--cache", str(tmp_path)])
+    assert_bad_input(result, "unknown real model 'llama-7b'", "smollm2-135m-instruct")
+    assert not list(tmp_path.iterdir())
