@@ -102,15 +102,26 @@ def _timings_path(name: str) -> str:
     return f"data/timings/evaluate-{name}.json"
 
 
-def exp_show() -> list[dict[str, Any]]:
-    """``dvc exp show --json`` of the repository in the working directory."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True, check=False
-    )
+def _dvc(*args: str) -> str:
+    """The stdout of ``dvc ARGS`` in the working directory; its failure is one line."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         first = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RacError(f"`dvc exp show --json` failed ({first}); run rac report --experiments in the project root")
-    return json.loads(proc.stdout)
+        raise RacError(f"`dvc {' '.join(args)}` failed ({first}); run rac report --experiments in the project root")
+    return proc.stdout
+
+
+def exp_show() -> list[dict[str, Any]]:
+    """``dvc exp show --json`` of the workspace and HEAD, then of every other commit that experiments were run
+    from (``dvc exp list -A``): a sweep queued before later commits is still found, without reading the
+    metrics of every commit in the history."""
+    entries: list[dict[str, Any]] = json.loads(_dvc("exp", "show", "--json"))
+    shown = {entry.get("rev") for entry in entries}
+    baselines = [line[:-1] for line in _dvc("exp", "list", "-A").splitlines() if line.endswith(":")]
+    for baseline in baselines:
+        if not any(str(rev).startswith(baseline) for rev in shown):
+            entries += json.loads(_dvc("exp", "show", "--json", "--rev", baseline))[1:]  # [0] is the workspace
+    return entries
 
 
 # A param's value as a sweep point: a scalar of params.yaml, or a list or empty mapping as JSON text.
