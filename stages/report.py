@@ -201,7 +201,11 @@ def sweep_points(entries: list[dict[str, Any]], sources: list[str], key: str | N
         )
         if len(differing) > 1:
             log.info(
-                "sweep: skipping %s, whose params differ in %s", revision.get("name") or revision["rev"], differing
+                "sweep: skipping %s, whose params differ in %d keys (%s%s)",
+                revision.get("name") or revision["rev"],
+                len(differing),
+                ", ".join(differing[:4]),
+                ", …" if len(differing) > 4 else "",
             )
             continue
         metrics = revision["data"].get("metrics") or {}
