@@ -20,6 +20,7 @@ from stages.models import (
     load_tokenizer,
     looks_local,
     model_dir,
+    model_ref,
 )
 
 CPU = torch.device("cpu")
@@ -190,3 +191,25 @@ def test_system_prompt_param(system_prompt: str, rendered: str) -> None:
     tokenizer.chat_template = SYSTEM_DEFAULT
     ids = encode_prompt(tokenizer, "1+2=", system_prompt)
     assert tokenizer.decode(ids) == rendered
+
+
+def test_revision_pins_hub_ids_only() -> None:
+    assert (
+        model_ref("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "abc123")
+        == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B@abc123"
+    )
+    assert model_ref("data/embedded", None) == "data/embedded"
+    assert model_ref("org/name", None) == "org/name"
+
+
+def test_revision_reaches_the_hub(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:
+    calls = []
+
+    def snapshot(repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
+        calls.append((repo_id, revision))
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr("stages.models.snapshot_download", snapshot)
+    assert model_dir("org/name@v1.0") == tiny_model_dir
+    assert model_dir("org/name") == tiny_model_dir
+    assert calls == [("org/name", "v1.0"), ("org/name", None)]

@@ -217,3 +217,9 @@ def test_bad_preset_leaves_params_untouched(preset: str, message: str, tmp_path:
         apply_preset(params, bad)
     assert params.read_text() == SHIPPED.read_text()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["bad.yaml", "params.yaml"]
+
+
+def test_revision_of_a_local_model_is_refused(params_file: Callable[..., Path]) -> None:
+    with pytest.raises(RacError, match=r"revision='v1' is set but model='data/embedded' is a local directory"):
+        load_params(params_file("data/embedded", {"revision": "v1"}))
+    assert load_params(params_file("org/name", {"revision": "v1"})).dense == "org/name@v1"
