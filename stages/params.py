@@ -21,7 +21,6 @@ from stages.tasks import BenchmarkSpec, check_benchmark, check_task
 
 BACKENDS = ("vllm", "hf")
 KEEP = ("all", "correct")  # rollout.keep: which traces the rac source calibrates on
-SYSTEM_PROMPTS = ("default", "none")  # chat.system_prompt: the template's own, none, or any other text
 
 T = TypeVar("T")
 
