@@ -218,15 +218,21 @@ def hessians_merge(params_path: Path, out: Path, stores: tuple[Path, ...]) -> No
 
 @main.command()
 @PARAMS_OPTION
-@click.option("--hessians", "store", type=click.Path(path_type=Path), required=True, help="Hessian store to read.")
+@click.option(
+    "--hessians", "store", type=click.Path(path_type=Path), help="Hessian store to read (prune.calibration: dense)."
+)
+@click.option(
+    "--calib", type=click.Path(path_type=Path), help="Calibration Parquet to walk (prune.calibration: sequential)."
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Pruned model directory to write.")
 @TIMINGS_OPTION
-def prune(params_path: Path, store: Path, out: Path, timings: Path | None) -> None:
-    """Prune the dense model with ``pruner`` at ``sparsity`` on cached Hessians."""
+def prune(params_path: Path, store: Path | None, calib: Path | None, out: Path, timings: Path | None) -> None:
+    """Prune the dense model with ``pruner`` at ``sparsity``: on cached Hessians (dense calibration), or walking
+    the layers of the model pruned so far (sequential)."""
     from stages import prune as stage
 
     p = _params(params_path)
-    _timed("prune", timings, lambda: stage.run(p, store, out))
+    _timed("prune", timings, lambda: stage.run(p, store, calib, out))
 
 
 @main.command()

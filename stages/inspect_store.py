@@ -71,13 +71,11 @@ def merge(p: Params, paths: list[Path], out: Path) -> None:
     )
     try:
         for g in first.groups():
-            xtx = {s: np.zeros_like(x) for s, x in first.sums(g).items()}
-            counts = dict.fromkeys(SEGMENT_IDS, 0)
+            xtx: dict[str, np.ndarray] = {}
             for store in stores:
                 for s, x in store.sums(g).items():
-                    xtx[s] += x
-                    counts[s] += store.n_tokens[s]
-            writer.write_group(g.layer, g.name, g.members, xtx, counts)
+                    xtx[s] = xtx[s] + x if s in xtx else x
+            writer.write_group(g.layer, g.name, g.members, xtx, writer.attrs["n_tokens"])
         writer.seal()
         writer.publish(out)
     except BaseException:

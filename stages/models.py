@@ -279,28 +279,3 @@ class LinearGroup:
     @property
     def name(self) -> str:
         return self.members[0]
-
-
-@torch.no_grad()
-def linear_groups(model: PreTrainedModel) -> list[LinearGroup]:
-    """Group each decoder layer's linears by the input tensor they receive in a probe forward pass."""
-    layers = decoder_layers(model)
-    seen: dict[tuple[int, int], list[str]] = {}
-    inputs: list[torch.Tensor] = []  # held so that no id() is reused while probing
-    hooks = []
-    for i, layer in enumerate(layers):
-        for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear):
-
-                def record(_m: nn.Module, args: tuple[torch.Tensor, ...], i: int = i, name: str = name) -> None:
-                    inputs.append(args[0])
-                    seen.setdefault((i, id(args[0])), []).append(name)
-
-                hooks.append(module.register_forward_pre_hook(record))
-    try:
-        probe = torch.tensor([[model.config.bos_token_id or 0] * 2], device=model.device)
-        model(input_ids=probe)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [LinearGroup(layer=i, members=members) for (i, _), members in seen.items()]

@@ -19,6 +19,10 @@ from stages.selection import SCOPES, check_layers
 from stages.solvers import KERNELS, get_solver, parse_pattern
 from stages.tasks import BenchmarkSpec, check_benchmark, check_task
 
+# prune.calibration: the Hessians of each layer from the dense model's activations (the cached store), or
+# from the activations of the model pruned so far (accumulated by prune itself).
+CALIBRATIONS = ("dense", "sequential")
+
 BACKENDS = ("vllm", "hf")
 KEEP = ("all", "correct")  # rollout.keep: which traces the rac source calibrates on
 
@@ -193,16 +197,25 @@ class CalibrateParams:
 
 
 @dataclass(frozen=True)
-class HessiansParams:
-    """Forward passes that accumulate X·Xᵀ."""
+class ActivationsParams:
+    """The layer walk (hessians, and prune in sequential mode): batches and where their activations live."""
 
     batch_tokens: int
-    max_memory_gb: float
+    memory_gb: float
+    disk_dir: str | None
+
+    def check(self) -> None:
+        _positive("activations.batch_tokens", self.batch_tokens)
+        _positive("activations.memory_gb", self.memory_gb)
+
+
+@dataclass(frozen=True)
+class HessiansParams:
+    """How the store is written."""
+
     chunk: int
 
     def check(self) -> None:
-        _positive("hessians.batch_tokens", self.batch_tokens)
-        _positive("hessians.max_memory_gb", self.max_memory_gb)
         _positive("hessians.chunk", self.chunk)
 
 
@@ -210,6 +223,7 @@ class HessiansParams:
 class PruneParams:
     """Solver settings shared by every pruner."""
 
+    calibration: str
     scope: str
     layers: str
     overrides: dict[str, float]
@@ -220,6 +234,7 @@ class PruneParams:
     mix: dict[str, float]
 
     def check(self) -> None:
+        _choice("prune.calibration", self.calibration, CALIBRATIONS)
         _choice("prune.kernel", self.kernel, ("auto", *KERNELS))
         _choice("prune.scope", self.scope, SCOPES)
         for spec in (self.layers, *self.overrides):
@@ -289,6 +304,7 @@ class Params:
     toy: ToyParams
     rollout: RolloutParams
     calibrate: CalibrateParams
+    activations: ActivationsParams
     hessians: HessiansParams
     prune: PruneParams
     evaluate: EvaluateParams
@@ -329,6 +345,7 @@ _SECTIONS = {
     "toy": ToyParams,
     "rollout": RolloutParams,
     "calibrate": CalibrateParams,
+    "activations": ActivationsParams,
     "hessians": HessiansParams,
     "prune": PruneParams,
     "evaluate": EvaluateParams,

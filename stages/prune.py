@@ -1,7 +1,15 @@
-"""Reads: a Hessian store, the dense model, params ``model``, ``sparsity``, ``pruner``, ``prune``.
-Writes: a pruned HF model directory (safetensors, config, tokenizer) with ``report.json``
-(per-layer loss, achieved sparsity, damping used); returns the solver seconds, which the CLI writes to
-``--timings`` outside the out, so that identical weights give an identical directory.
+"""Reads: the dense model (one decoder layer at a time), params ``model``, ``sparsity``, ``pruner``, ``prune``, and
+either a Hessian store (``prune.calibration: dense``) or a calibration Parquet with ``activations``
+(``sequential``).
+Writes: a pruned HF model directory: one safetensors shard per decoder layer plus one for the other tensors,
+with their index, the dense model's config and tokenizer files verbatim, and ``report.json`` (per-layer loss,
+achieved sparsity, damping used, the calibration mode); returns the solver seconds and peak memory, which the CLI
+writes to ``--timings`` outside the out, so that identical weights give an identical directory.
+
+Dense mode reads each group's H from the cached store, which every pruner and sparsity shares. Sequential
+mode walks the layers itself (``stages.layers``): layer i's sums come from the activations of the model pruned
+up to layer i-1, layer i is pruned, and the pruned layer's outputs become layer i+1's inputs, as the
+reference SparseGPT does. Its Hessians depend on the sparsity and the pruner, so nothing is cached.
 """
 
 import json
@@ -11,28 +19,36 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import AutoConfig
 
 from stages.errors import RacError
-from stages.models import (
-    compute_device,
-    decoder_layers,
-    fingerprint,
-    linear_groups,
-    load_model,
-    model_dir,
-    tokenizer_files,
+from stages.hessians import check_token_ids
+from stages.layers import (
+    Accumulator,
+    ActivationCache,
+    LayerWalk,
+    Skeleton,
+    batches,
+    check_budget,
+    peak_rss_gb,
+    plan,
+    scratch_root,
 )
+from stages.models import LinearGroup, compute_device, fingerprint, load_tokenizer, tokenizer_files
 from stages.params import Params
-from stages.schemas import atomic_path
+from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
 from stages.selection import in_scope, layer_sparsities
 from stages.solvers import get_solver, hessian_from_sums, mixed_count
 from stages.store import HessianStore
+from stages.workspace import repo_root
 
 log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
 
 
 def resolve_kernel(kernel: str) -> str:
@@ -44,33 +60,59 @@ def resolve_kernel(kernel: str) -> str:
     return kernel
 
 
-@torch.no_grad()
-def run(p: Params, hessians: Path, out: Path) -> dict[str, float]:
-    """Prune the selected linears of every decoder layer with ``p.pruner`` on the cached Hessians; return the
-    seconds spent in the solver."""
-    solver = get_solver(p.pruner)
-    kernel = resolve_kernel(p.prune.kernel)
-    store = HessianStore(hessians, fingerprint(p.dense))
+def _check_mix(counts: dict[str, int], p: Params, where: str) -> None:
+    """Every group saw ``counts``: refuse a mix that weighs no tokens before any solve."""
     try:
-        mixed_count(store.n_tokens, p.prune.mix)  # every group saw these counts: refuse an empty mix up front
+        mixed_count(counts, p.prune.mix)
     except ValueError as err:
-        raise RacError(f"prune.mix on {str(hessians)!r}: {err}") from err
-    device = compute_device()
-    model = load_model(p.dense, device)
-    store.require_groups(linear_groups(model))  # else a layer missing from the store would stay dense, unreported
-    layers = decoder_layers(model)
-    targets = layer_sparsities(p.sparsity, p.prune.scope, p.prune.layers, p.prune.overrides, len(layers))
-    rows = []
-    solver_seconds = 0.0
-    for group in tqdm(store.groups(), desc=f"prune ({p.pruner})", unit="group"):
-        members = {m: targets[group.layer] if in_scope(m, p.prune.scope) else 0.0 for m in group.members}
-        if any(members.values()):
-            sums = {s: torch.from_numpy(x).to(device) for s, x in store.sums(group).items()}
-            H = hessian_from_sums(sums, group.n_tokens, p.prune.mix)  # [in, in]
-        for member, target in members.items():
-            linear = layers[group.layer].get_submodule(member)
-            row = {"layer": group.layer, "module": member, "shape": list(linear.weight.shape), "target": target}
-            if target == 0:
+        raise RacError(f"prune.mix on {where}: {err}") from err
+
+
+class _Sequential:
+    """The layer walk of sequential mode over one calibration set."""
+
+    def __init__(self, p: Params, calib: Path, skeleton: Skeleton, groups: list[LinearGroup], out: Path) -> None:
+        table, meta = read_parquet(calib, CALIBRATION, "calibration")
+        ids, segments = table["token_ids"].to_pylist(), table["segment"].to_pylist()
+        if not ids:
+            raise RacError(f"calibration {str(calib)!r} has no sequences; rerun calibrate")
+        check_token_ids(ids, skeleton.model.config.get_text_config().vocab_size, calib)
+        self.counts = {s: sum(seg.count(i) for seg in segments) for s, i in SEGMENT_IDS.items()}
+        _check_mix(self.counts, p, repr(str(calib)))
+        self.source = str(meta.get("source", "?"))
+        tokenizer = load_tokenizer(p.dense)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        work = batches(ids, segments, p.activations.batch_tokens, pad)
+        budget = p.activations.memory_gb * 2**30
+        check_budget(budget, work, skeleton.hidden_size())
+        self.memory = plan(skeleton, groups, work, budget)
+        self.cache = ActivationCache(budget, scratch_root(p.activations.disk_dir, repo_root(Path(out).parent)))
+        if self.memory.activations_on_disk:
+            self.cache.check_writable()
+        self.walk = LayerWalk(skeleton, work, self.cache)
+
+
+def _pruned_layer(
+    p: Params,
+    layer: torch.nn.Module,
+    i: int,
+    groups: list[LinearGroup],
+    target: float,
+    H_of: Any,
+    kernel: str,
+) -> tuple[list[dict[str, Any]], float]:
+    """Prune the in-scope linears of decoder layer ``i`` in place with ``H_of(group)``; return the report rows and
+    the solver seconds."""
+    solver = get_solver(p.pruner)
+    rows: list[dict[str, Any]] = []
+    seconds = 0.0
+    for group in groups:
+        members = {m: target if in_scope(m, p.prune.scope) else 0.0 for m in group.members}
+        H = H_of(group) if any(members.values()) else None  # [in, in]
+        for member, goal in members.items():
+            linear = layer.get_submodule(member)
+            row = {"layer": i, "module": member, "shape": list(linear.weight.shape), "target": goal}
+            if H is None or goal == 0:
                 sparsity = float((linear.weight == 0).float().mean())
                 rows.append(row | {"loss": 0.0, "sparsity": sparsity, "damp_used": 0.0})
                 continue
@@ -79,50 +121,169 @@ def run(p: Params, hessians: Path, out: Path) -> dict[str, float]:
                 result = solver(
                     linear.weight.data,
                     H,
-                    sparsity=target,
+                    sparsity=goal,
                     pattern=p.prune.pattern,
                     block_size=p.prune.block_size,
                     damp=p.prune.damp,
                     kernel=kernel,
                 )
             except ValueError as err:
-                raise RacError(f"layer {group.layer} {member}: {err}; raise prune.damp or rebuild the store") from err
-            solver_seconds += time.perf_counter() - start
+                raise RacError(f"layer {i} {member}: {err}; raise prune.damp or rebuild the store") from err
+            seconds += time.perf_counter() - start
             if result.damp_used > p.prune.damp:
                 log.warning(
-                    "layer %d %s: Cholesky failed at damp=%g; used damp=%g",
-                    group.layer,
-                    member,
-                    p.prune.damp,
-                    result.damp_used,
+                    "layer %d %s: Cholesky failed at damp=%g; used damp=%g", i, member, p.prune.damp, result.damp_used
                 )
             linear.weight.data.copy_(result.weight)
             sparsity = float((result.weight == 0).float().mean())
             rows.append(row | {"loss": result.loss, "sparsity": sparsity, "damp_used": result.damp_used})
+    return rows, seconds
+
+
+def _shard_name(k: int, n: int) -> str:
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+@torch.no_grad()
+def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict[str, float]:
+    """Prune the selected linears of every decoder layer with ``p.pruner`` on H of ``p.prune.calibration``; return
+    the solver seconds and the peak RSS."""
+    mode = p.prune.calibration
+    if mode == "dense" and hessians is None:
+        raise RacError("prune.calibration=dense reads a Hessian store: pass --hessians data/hessians/SOURCE.zarr")
+    if mode == "sequential" and calib is None:
+        raise RacError(
+            "prune.calibration=sequential accumulates its own Hessians from the pruned model's activations, so a "
+            "Hessian store (--hessians) is of no use to it: pass --calib data/calibrate/SOURCE.parquet"
+        )
+    get_solver(p.pruner)
+    kernel = resolve_kernel(p.prune.kernel)
+    device = compute_device()
+    skeleton = Skeleton(p.dense, device)
+    groups = skeleton.groups()
+    store: HessianStore | None = None
+    sequential: _Sequential | None = None
+    if mode == "dense":
+        assert hessians is not None
+        store = HessianStore(hessians, fingerprint(p.dense))
+        _check_mix(store.n_tokens, p, repr(str(hessians)))
+        store.require_groups(groups)  # else a layer missing from the store would stay dense, unreported
+        source, inputs = store.attrs["source"], str(hessians)
+    else:
+        assert calib is not None
+        sequential = _Sequential(p, calib, skeleton, groups, out)
+        source, inputs = sequential.source, str(calib)
+        log.info("sequential calibration memory plan (GB): %s", sequential.memory.as_dict())
+    n_layers = len(skeleton.layers)
+    targets = layer_sparsities(p.sparsity, p.prune.scope, p.prune.layers, p.prune.overrides, n_layers)
+    rows: list[dict[str, Any]] = []
+    solver_seconds = 0.0
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    try:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            if sequential is not None:
+                sequential.walk.embed()
+            for i in tqdm(range(n_layers), desc=f"prune ({p.pruner}, {mode})", unit="layer"):
+                mine = [g for g in groups if g.layer == i]
+                name = skeleton.prefix(i).rstrip(".")
+                with skeleton.loaded(name) as layer:
+                    if store is not None:
+                        H_of = _store_hessian(store, p, device)
+                    else:
+                        assert sequential is not None
+                        H_of = _walk_hessian(sequential, p, layer, i, mine, targets[i], device)
+                    layer_rows, seconds = _pruned_layer(p, layer, i, mine, targets[i], H_of, kernel)
+                    rows += layer_rows
+                    solver_seconds += seconds
+                    if sequential is not None and i < n_layers - 1:
+                        sequential.walk.forward(i, layer, keep=True, label=f"layer {i} (pruned) forward")
+                    tensors = {
+                        f"{name}.{k}": v.to(skeleton.dtypes[f"{name}.{k}"]).contiguous()
+                        for k, v in layer.state_dict().items()
+                    }
+                total_bytes += _write_shard(tmp, _shard_name(i, n_layers + 1), tensors, weight_map)
+            prefixes = tuple(skeleton.prefix(i) for i in range(n_layers))
+            rest = skeleton.tensors([k for k in skeleton.files if not k.startswith(prefixes)])
+            total_bytes += _write_shard(tmp, _shard_name(n_layers, n_layers + 1), rest, weight_map)
+            index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            for file in [skeleton.directory / "config.json", *tokenizer_files(p.dense)]:
+                shutil.copyfile(file, tmp / file.name)
+            if (skeleton.directory / "generation_config.json").is_file():
+                shutil.copyfile(skeleton.directory / "generation_config.json", tmp / "generation_config.json")
+            report = _report(p, rows, kernel, source, inputs, sequential)
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    finally:
+        if sequential is not None:
+            sequential.cache.close()
+    log.info("pruned %s (%s): achieved sparsity %.4f", out, mode, report["achieved_sparsity"])
+    return {"solver_seconds": solver_seconds, "peak_rss_gb": round(peak_rss_gb(), 4)}
+
+
+def _store_hessian(store: HessianStore, p: Params, device: torch.device) -> Any:
+    """H of a group from the cached sums."""
+
+    def H_of(group: LinearGroup) -> torch.Tensor:
+        sums = {s: torch.from_numpy(x).to(device) for s, x in store.sums(group).items()}
+        return hessian_from_sums(sums, store.n_tokens, p.prune.mix)  # [in, in]
+
+    return H_of
+
+
+def _walk_hessian(
+    sequential: _Sequential,
+    p: Params,
+    layer: torch.nn.Module,
+    i: int,
+    groups: list[LinearGroup],
+    target: float,
+    device: torch.device,
+) -> Any:
+    """H of a group of layer ``i`` from the activations that reach it in the model pruned so far (one forward of
+    the still-dense layer ``i``, outputs discarded); nothing runs when the layer prunes nothing."""
+    accumulators: dict[str, Accumulator] = {}
+    if target > 0:
+        accumulators = {g.name: Accumulator(layer.get_submodule(g.name).in_features, device) for g in groups}
+        sequential.walk.forward(i, layer, keep=False, accumulators=accumulators, label=f"layer {i} sums")
+
+    def H_of(group: LinearGroup) -> torch.Tensor:
+        acc = accumulators[group.name]
+        return hessian_from_sums(acc.xtx, acc.n, p.prune.mix)  # [in, in]
+
+    return H_of
+
+
+def _write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
+    """Write ``tensors`` as the safetensors file ``folder/name``; return its tensor bytes."""
+    save_file(tensors, str(folder / name), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, name))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _report(
+    p: Params, rows: list[dict[str, Any]], kernel: str, source: str, inputs: str, sequential: _Sequential | None
+) -> dict[str, Any]:
+    """report.json: what was pruned, how, and from which calibration."""
     numel = [math.prod(r["shape"]) for r in rows]
     pruned = [(r, n) for r, n in zip(rows, numel, strict=True) if r["target"] > 0]
-    report = {
+    return {
         "pruner": p.pruner,
         "target_sparsity": p.sparsity,
         # Over every decoder linear, and over the pruned ones only (they differ under scope/layers).
         "achieved_sparsity": sum(r["sparsity"] * n for r, n in zip(rows, numel, strict=True)) / sum(numel),
         "achieved_sparsity_pruned": sum(r["sparsity"] * n for r, n in pruned) / max(1, sum(n for _, n in pruned)),
+        "calibration": p.prune.calibration,
         "scope": p.prune.scope,
         "layers_spec": p.prune.layers,
         "overrides": p.prune.overrides,
-        "hessians": str(hessians),
-        "source": store.attrs["source"],
+        "calibration_input": inputs,
+        "source": source,
         "pattern": p.prune.pattern,
         "kernel": kernel,
         "mix": p.prune.mix,
+        # Sequential mode's layer walk: what it held at most (GB), by plan (measured RSS goes to --timings).
+        "memory_plan_gb": sequential.memory.as_dict() if sequential is not None else None,
         "layers": rows,
     }
-    # Solved in float32; saved in the checkpoint's own dtype, so a bf16 model stays bf16 on disk.
-    model.to(AutoConfig.from_pretrained(model_dir(p.dense)).dtype or torch.float32)
-    with atomic_path(out) as tmp:
-        model.save_pretrained(tmp)
-        for file in tokenizer_files(p.dense):
-            shutil.copyfile(file, tmp / file.name)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log.info("pruned %s: achieved sparsity %.4f over %d linears", out, report["achieved_sparsity"], len(rows))
-    return {"solver_seconds": solver_seconds}

@@ -6,6 +6,12 @@ complete``; one Zarr group ``layers/<i>/<first member>`` per input group holding
 ``members``; and ``manifest.json``: the size and sha256 of every file under ``layers/`` and of the root
 attrs, written before ``complete``.
 
+Disk: a segment that saw no tokens (the decode segment of a prompt or generic source) has no array, and an
+array keeps only its upper triangle: x·xᵀ is symmetric, so the chunks below the diagonal are never written
+(Zarr writes no chunk that is all fill value) and the reader mirrors the triangle. The mirrored sum is the
+upper triangle's, exactly; fp32 addmm leaves the two triangles unequal in the last bits, and the solvers
+(Cholesky of one triangle) never read both anyway.
+
 A store is valid only if it is complete, holds exactly the groups of the model it was built for, every
 group saw the store's token counts, and every file matches the manifest (a missing chunk would read as
 zeros, a corrupted one can still decode). Readers check sizes on open and digests before using a group.
@@ -32,7 +38,7 @@ from stages.schemas import SEGMENT_IDS, atomic_path, numcodecs_quiet, tmp_siblin
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 Digests = dict[str, list[Any]]  # relative path -> [size in bytes, sha256 hex]
 
@@ -136,10 +142,11 @@ class HessianWriter:
     def write_group(
         self, layer: int, name: str, members: list[str], xtx: dict[str, np.ndarray], n_tokens: dict[str, int]
     ) -> None:
-        """Write the per-segment sums ``xtx[segment]`` [d, d] and token counts of one group."""
+        """Write the upper triangles of the per-segment sums ``xtx[segment]`` [d, d] and the token counts of one
+        group; a segment of no tokens gets no array (``xtx`` may lack it)."""
         assert self.root is not None
         group = self.root.require_group(f"layers/{layer}/{name}")
-        for segment in SEGMENT_IDS:
+        for segment in (s for s in SEGMENT_IDS if n_tokens[s] > 0):
             d = xtx[segment].shape[0]
             with numcodecs_quiet():
                 compressor = Zstd(level=3)
@@ -149,9 +156,9 @@ class HessianWriter:
                 chunks=(min(d, self.chunk), min(d, self.chunk)),
                 dtype="float32",
                 compressors=[compressor],
-                overwrite=True,  # a window cut short by a kill is written again in full
+                overwrite=True,  # a layer cut short by a kill is written again in full
             )
-            array[...] = xtx[segment].astype(np.float32)
+            array[...] = np.triu(xtx[segment]).astype(np.float32)
         group.attrs.update({f"n_tokens_{s}": int(n_tokens[s]) for s in SEGMENT_IDS} | {"members": members})
 
     def digest_layers(self, layers: Iterable[int]) -> Digests:
@@ -322,11 +329,20 @@ class HessianStore:
         return out
 
     def sums(self, group: LinearGroup) -> dict[str, np.ndarray]:
-        """The raw per-segment sums of x·xᵀ [d, d] of ``group``, after checking its files' digests."""
+        """The raw sums of x·xᵀ [d, d] of ``group`` for each segment that saw tokens, after checking its files'
+        digests."""
         self.verify(group_key(group))
+        sums = {}
         with numcodecs_quiet():
             node = self.root[group_key(group)]
-            sums = {s: np.asarray(node[f"xtx_{s}"][...]) for s in SEGMENT_IDS}
+            for s in (s for s in SEGMENT_IDS if self.n_tokens[s] > 0):
+                if f"xtx_{s}" not in node:
+                    raise RacError(
+                        f"Hessian store {str(self.path)!r}: group {group_key(group)!r} has no {s} sums although "
+                        f"{self.n_tokens[s]} {s} tokens entered it; rebuild it"
+                    )
+                upper = np.asarray(node[f"xtx_{s}"][...])  # [d, d], zero below the diagonal
+                sums[s] = upper + np.triu(upper, 1).T
         if not all(np.isfinite(x).all() for x in sums.values()):
             raise RacError(
                 f"Hessian store {str(self.path)!r}: group {group_key(group)!r} has non-finite sums; rebuild it"

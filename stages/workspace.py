@@ -113,18 +113,24 @@ class Leftover:
     """A partial build or temporary artifact; ``running`` when its process is still alive."""
 
     path: Path
-    kind: str  # "partial build" | "temporary"
+    kind: str  # "partial build" | "activations" | "temporary"
     running: bool
     bytes: int
 
 
 def leftovers(root: Path) -> list[Leftover]:
-    """Partial builds under ``root/.rac/partial`` and temporaries (``.<name>.tmp-<pid>-<hex>``) in the tree."""
+    """Partial builds under ``root/.rac/partial``, activation scratch folders under ``root/.rac/activations`` and
+    temporaries (``.<name>.tmp-<pid>-<hex>``) in the tree."""
     found = []
     partial = root / ".rac" / "partial"
     if partial.is_dir():
         for work in sorted(partial.iterdir()):
             found.append(Leftover(work, "partial build", _held(work), _size(work)))
+    scratch = root / ".rac" / "activations"
+    if scratch.is_dir():
+        for folder in sorted(scratch.iterdir()):
+            match = _TMP.match(folder.name)
+            found.append(Leftover(folder, "activations", not match or _alive(int(match.group(1))), _size(folder)))
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in _SKIP]
         for name in [*dirs, *files]:
@@ -151,5 +157,9 @@ def clean(root: Path, dry_run: bool) -> list[Leftover]:
         else:
             item.path.unlink()
         removed.append(item)
+    if not dry_run:
+        for folder in (root / ".rac" / "activations", root / ".rac" / "partial", root / ".rac"):
+            with contextlib.suppress(OSError):  # absent, or not empty: a running build's folder is there
+                folder.rmdir()
     print(f"{len(removed)} removed, {sum(i.bytes for i in removed) / 2**20:.1f} MB freed")
     return removed

@@ -20,9 +20,12 @@ if not torch.cuda.is_available():
 import pytest
 import yaml
 from click.testing import Result
-from transformers import LlamaConfig, LlamaForCausalLM
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from stages import toy
+from stages.hessians import layer_sums
+from stages.layers import Accumulator, ActivationCache, LayerWalk, Skeleton, batches
 from stages.params import ToyParams
 from stages.real_models import CACHE_ENV, DownloadError, build
 
@@ -113,6 +116,27 @@ def smollm2(model_cache: Path) -> Path:
 def r1(model_cache: Path) -> Path:
     """A tiny random Qwen2 with DeepSeek-R1-Distill-Qwen-7B's tokenizer, template and special ids."""
     return _built("r1-distill-tiny", model_cache)
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory, across its safetensors shards."""
+    return {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+Collected = dict[tuple[int, str], tuple[list[str], Accumulator]]
+
+
+def walk_sums(
+    model: PreTrainedModel | Path, ids: list[list[int]], segs: list[list[int]], batch_tokens: int, pad: int = 0
+) -> Collected:
+    """Every layer's sums by (layer, first member) from the layer walk of ``model`` (or its directory), with
+    every activation in memory."""
+    directory = Path(model) if isinstance(model, Path) else Path(model.name_or_path)
+    skeleton = Skeleton(str(directory), torch.device("cpu"))
+    groups = skeleton.groups()
+    members = {(g.layer, g.name): g.members for g in groups}
+    walk = LayerWalk(skeleton, batches(ids, segs, batch_tokens, pad), ActivationCache(float("inf"), directory))
+    return {(i, name): (members[(i, name)], acc) for i, sums in layer_sums(walk, groups) for name, acc in sums.items()}
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

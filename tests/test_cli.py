@@ -108,7 +108,10 @@ def test_prune_unknown_pruner(in_tmp: Path, tiny_model_dir: Path, params_file: C
     write_parquet(rows, CALIBRATION, calib, {"source": "rac"})
     # A valid store, so that only the pruner is wrong.
     hessians.run(
-        load_params(params_file(tiny_model_dir, {"hessians": {"batch_tokens": 128, "chunk": 32}})), calib, store, 1
+        load_params(params_file(tiny_model_dir, {"activations": {"batch_tokens": 128}, "hessians": {"chunk": 32}})),
+        calib,
+        store,
+        1,
     )
     params = params_file(tiny_model_dir, {"pruner": "foo"})
     out = Path("data/prune/rac")

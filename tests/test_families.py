@@ -54,7 +54,7 @@ def prune_end_to_end(p: Params, model: str, work: Path) -> Path:
     assert read_parquet(traces, TRACES, "traces")[0].num_rows == p.rollout.n_prompts
     calibrate.run(p, "rac", traces, calib)
     hessians.run(p, calib, store, 1)
-    prune.run(p, store, pruned)
+    prune.run(p, store, None, pruned)
     return pruned
 
 

@@ -1,4 +1,5 @@
-"""Hessian accumulation on a tiny real Qwen2: padding excluded, sums equal X·Xᵀ, prompt/decode kept apart."""
+"""Hessian accumulation on a tiny real Qwen2: padding excluded, sums equal X·Xᵀ, prompt/decode kept apart; the
+layer walk equals the model's own forward, and its stores equal a full forward's sums bitwise."""
 
 import random
 from collections.abc import Callable
@@ -7,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import walk_sums as collect
 from transformers import PreTrainedModel
 
-from stages.hessians import batches, collect, run
-from stages.models import decoder_layers, fingerprint, linear_groups, load_model
+from stages.hessians import run
+from stages.layers import Skeleton, batches
+from stages.models import decoder_layers, fingerprint, load_model
 from stages.params import load_params
 from stages.schemas import CALIBRATION, write_parquet
 from stages.store import HessianStore
@@ -50,10 +53,10 @@ def model(tiny_model_dir: Path) -> PreTrainedModel:
 def test_batches_pad_right_longest_first() -> None:
     ids = [[1, 2], [3, 4, 5, 6], [7]]
     segs = [[0, 1], [0, 0, 1, 1], [0]]
-    (b_ids, b_seg), (c_ids, c_seg) = batches(ids, segs, 8, pad=9)  # 8 padded positions: 2 rows of width 4
-    assert b_ids.tolist() == [[3, 4, 5, 6], [1, 2, 9, 9]]
-    assert b_seg.tolist() == [[0, 0, 1, 1], [0, 1, -1, -1]]
-    assert c_ids.tolist() == [[7]] and c_seg.tolist() == [[0]]
+    b, c = batches(ids, segs, 8, pad=9)  # 8 padded positions: 2 rows of width 4
+    assert b.ids.tolist() == [[3, 4, 5, 6], [1, 2, 9, 9]]
+    assert b.segment.tolist() == [[0, 0, 1, 1], [0, 1, -1, -1]]
+    assert c.ids.tolist() == [[7]] and c.segment.tolist() == [[0]]
 
 
 def test_padding_is_excluded(model: PreTrainedModel) -> None:
@@ -88,7 +91,7 @@ def test_tolerance_detects_one_extra_token(model: PreTrainedModel) -> None:
 def _reference_sums(model: PreTrainedModel, ids: list[list[int]], segs: list[list[int]]) -> dict:
     """Σ x·xᵀ in float64 per (layer, first member) and segment, from pre-hooks on every member, unpadded."""
     layers = decoder_layers(model)
-    groups = linear_groups(model)
+    groups = Skeleton(model.name_or_path, torch.device("cpu")).groups()
     inputs: dict[tuple[int, str], list[torch.Tensor]] = {}
     hooks = []
     for g in groups:
@@ -168,7 +171,7 @@ def test_run_writes_a_store_for_the_model(
         for i, (t, s) in enumerate(zip(ids, segs, strict=True))
     ]
     write_parquet(rows, CALIBRATION, calib, {"source": "rac"})
-    p = load_params(params_file(tiny_model_dir, {"hessians": {"batch_tokens": 256, "chunk": 16}}))
+    p = load_params(params_file(tiny_model_dir, {"activations": {"batch_tokens": 256}, "hessians": {"chunk": 16}}))
     out = tmp_path / "hessians" / "rac.zarr"
     run(p, calib, out, 1)
     assert sorted(x.name for x in out.parent.iterdir()) == ["rac.zarr"]  # no temp build left beside it
@@ -187,4 +190,5 @@ def test_run_writes_a_store_for_the_model(
         sums = store.sums(g)
         for s in ("prompt", "decode"):
             _assert_close(sums[s], acc.xtx[s])
+            assert np.array_equal(sums[s], sums[s].T)  # mirrored from the stored upper triangle
         assert store.root[f"{g.key}/xtx_prompt"].chunks == (16, 16)

@@ -1,4 +1,4 @@
-"""Hessians at scale: layer windows, fp32 precision, kill-and-resume, sharded ranks, info and merge."""
+"""Hessians at scale: fp32 precision, kill-and-resume, sharded ranks, info and merge."""
 
 import json
 import os
@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_tiny_qwen2
+from conftest import save_tiny_qwen2, walk_sums
 
 from stages.cli import main
 from stages.errors import RacError
-from stages.hessians import build, collect, partial_dir, plan_windows, run
-from stages.models import decoder_layers, fingerprint, linear_groups, load_model
+from stages.hessians import build, partial_dir, run
+from stages.models import decoder_layers, fingerprint, load_model
 from stages.params import load_params
 from stages.schemas import CALIBRATION, write_parquet
 from stages.store import HessianStore
@@ -62,40 +62,12 @@ def _stores_equal(a: Path, b: Path, fp: str) -> None:
             assert np.all(np.abs(x - y)[big] <= 10 * REL * np.abs(x)[big] + 1e-7 * np.abs(x).max()), (g.key, s)
 
 
-def test_plan_windows_fit_the_budget(deep_model_dir: Path) -> None:
-    model = load_model(str(deep_model_dir), torch.device("cpu"))
-    groups = linear_groups(model)
-    layers = decoder_layers(model)
-    dims = {(g.layer, g.name): layers[g.layer].get_submodule(g.name).in_features for g in groups}
-    per_layer = 2 * 4 * (3 * 64**2 + 128**2)  # q/k/v, o, gate/up read 64; down reads 128
-    assert plan_windows(groups, dims, 4 * per_layer) == [[0, 1, 2, 3]]
-    assert plan_windows(groups, dims, 2 * per_layer) == [[0, 1], [2, 3]]
-    assert plan_windows(groups, dims, per_layer) == [[0], [1], [2], [3]]
-    with pytest.raises(RacError, match="below one decoder layer"):
-        plan_windows(groups, dims, per_layer - 1)
-
-
-def test_windowed_equals_one_window(deep_model_dir: Path) -> None:
-    model = load_model(str(deep_model_dir), torch.device("cpu"))
-    g = torch.Generator().manual_seed(1)
-    ids = [[1, *torch.randint(4, 46, (n,), generator=g).tolist()] for n in (7, 19, 33, 12)]
-    segs = [[0] * 3 + [1] * (len(x) - 3) for x in ids]
-    whole = collect(model, ids, segs, 256, 0)
-    windowed = {**collect(model, ids, segs, 256, 0, [0, 1]), **collect(model, ids, segs, 256, 0, [2, 3])}
-    assert whole.keys() == windowed.keys()
-    for key, (_, acc) in whole.items():
-        for s in acc.xtx:
-            # The same forward computation up to the window's last layer: bitwise equal sums.
-            assert torch.equal(acc.xtx[s], windowed[key][1].xtx[s]), key
-        assert acc.n == windowed[key][1].n
-
-
 def test_fp32_accumulation_against_fp64(deep_model_dir: Path) -> None:
     model = load_model(str(deep_model_dir), torch.device("cpu"))
     g = torch.Generator().manual_seed(2)
     ids = [[1, *torch.randint(4, 46, (200,), generator=g).tolist()] for _ in range(20)]  # 4020 tokens
     segs = [[0] * 201 for _ in ids]
-    got = collect(model, ids, segs, 1024, 0, [0])[(0, "self_attn.q_proj")][1].xtx["prompt"]
+    got = walk_sums(model, ids, segs, 1024)[(0, "self_attn.q_proj")][1].xtx["prompt"]
     inputs: list[torch.Tensor] = []
     hook = decoder_layers(model)[0].self_attn.q_proj.register_forward_pre_hook(
         lambda _m, args: inputs.append(args[0].reshape(-1, 64).double())
@@ -115,7 +87,7 @@ def test_two_gloo_ranks_equal_one_process(
     deep_model_dir: Path, params_file: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    p = load_params(params_file(deep_model_dir, {"hessians": {"batch_tokens": 256, "max_memory_gb": 0.0005}}))
+    p = load_params(params_file(deep_model_dir, {"activations": {"batch_tokens": 256, "memory_gb": 0.0001}}))
     calib = _calibration(tmp_path / "calib.parquet", 9, 24, seed=3)
     run(p, calib, tmp_path / "one.zarr", 1)
     run(p, calib, tmp_path / "two.zarr", 2)
@@ -142,8 +114,8 @@ def test_world_size_larger_than_shards(
 def test_kill_and_resume_equals_uninterrupted(
     deep_model_dir: Path, params_file: Callable[..., Path], tmp_path: Path
 ) -> None:
-    # One layer per window; enough tokens that each window takes a while on CPU.
-    params = params_file(deep_model_dir, {"hessians": {"batch_tokens": 512, "max_memory_gb": 0.0005}})
+    # Enough tokens that each layer takes a while on CPU; most activations spill to disk.
+    params = params_file(deep_model_dir, {"activations": {"batch_tokens": 512, "memory_gb": 0.001}})
     calib = _calibration(tmp_path / "calib.parquet", 600, 128, seed=5)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     cmd = ["rac", "hessians", "--params", str(params), "--calib", str(calib), "--out", "h.zarr"]
@@ -154,8 +126,8 @@ def test_kill_and_resume_equals_uninterrupted(
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = json.loads((work / "progress.json").read_text())["windows"]
-    assert 1 <= len(done) < 4, f"killed with windows {done} written; make the windows slower"
+    done = json.loads((work / "progress.json").read_text())["layers"]
+    assert 1 <= len(done) < 4, f"killed with layers {done} written; make the layers slower"
     assert not (tmp_path / "h.zarr").exists()  # nothing complete-looking at the out
 
     resumed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
@@ -163,13 +135,18 @@ def test_kill_and_resume_equals_uninterrupted(
     subprocess.run([*cmd[:-1], "fresh.zarr"], cwd=tmp_path, env=env, capture_output=True, check=True)
     _stores_equal(tmp_path / "h.zarr", tmp_path / "fresh.zarr", fingerprint(str(deep_model_dir)))
     assert not work.exists()
+    left = list((tmp_path / ".rac" / "activations").iterdir())  # the killed run's spilled activations
+    assert [p.name.startswith(f".activations.tmp-{proc.pid}-") for p in left] == [True], left
+    cleaned = CliRunner().invoke(main, ["clean", "--root", str(tmp_path)])
+    assert cleaned.exit_code == 0 and "activations" in cleaned.output, cleaned.output
+    assert not (tmp_path / ".rac").exists()
 
 
 def test_info_and_merge(
     deep_model_dir: Path, params_file: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    params = params_file(deep_model_dir, {"hessians": {"batch_tokens": 256, "max_memory_gb": 1}})
+    params = params_file(deep_model_dir, {"activations": {"batch_tokens": 256}})
     p = load_params(params)
     calib = _calibration(tmp_path / "all.parquet", 6, 16, seed=6)
     halves = []

@@ -9,13 +9,13 @@ from conftest import save_tiny_qwen2
 
 from stages import toy
 from stages.errors import RacError
+from stages.layers import Skeleton
 from stages.models import (
     bos_ids,
     decoder_layers,
     encode_prompt,
     fingerprint,
     identity,
-    linear_groups,
     load_model,
     load_tokenizer,
     looks_local,
@@ -34,8 +34,9 @@ EXPECTED_GROUPS = [
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_llama_dir"])
 def test_linear_groups_per_layer(fixture: str, request: pytest.FixtureRequest) -> None:
-    model = load_model(str(request.getfixturevalue(fixture)), CPU)
-    groups = linear_groups(model)
+    directory = request.getfixturevalue(fixture)
+    model = load_model(str(directory), CPU)
+    groups = Skeleton(str(directory), CPU).groups()  # probed on the meta device
     assert [(g.layer, g.members) for g in groups] == [(i, m) for i in range(2) for m in EXPECTED_GROUPS]
     assert [g.name for g in groups[:4]] == [m[0] for m in EXPECTED_GROUPS]
     # Every linear of every decoder layer is in exactly one group.

@@ -76,7 +76,8 @@ def _without(path: Path, *keys: str) -> Path:
         (("model",), r"'top level' lacks \['model'\]"),
         (("calibrate", "budget_tokens"), r"'calibrate' lacks \['budget_tokens'\]"),
         (("prune", "mix"), r"'prune' lacks \['mix'\]"),
-        (("hessians",), r"'hessians' lacks \['batch_tokens', 'chunk', 'max_memory_gb'\]"),
+        (("hessians",), r"'hessians' lacks \['chunk'\]"),
+        (("activations",), r"'activations' lacks \['batch_tokens', 'disk_dir', 'memory_gb'\]"),
     ],
 )
 def test_missing_key_named(params_file: Callable[..., Path], keys: tuple[str, ...], pattern: str) -> None:

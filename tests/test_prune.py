@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_weights
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -23,7 +24,9 @@ def test_prune_changes_only_decoder_linears(
     AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).save_pretrained(dense)
     for f in tiny_model_dir.glob("tokenizer*"):
         (dense / f.name).write_bytes(f.read_bytes())
-    p = load_params(params_file(dense, {"sparsity": 0.6, "hessians": {"batch_tokens": 256, "chunk": 32}}))
+    p = load_params(
+        params_file(dense, {"sparsity": 0.6, "activations": {"batch_tokens": 256}, "hessians": {"chunk": 32}})
+    )
     g = torch.Generator().manual_seed(0)
     rows = [
         {
@@ -37,9 +40,9 @@ def test_prune_changes_only_decoder_linears(
     calib, store, out = tmp_path / "rac.parquet", tmp_path / "rac.zarr", tmp_path / "pruned"
     write_parquet(rows, CALIBRATION, calib, {"source": "rac"})
     hessians.run(p, calib, store, 1)
-    prune.run(p, store, out)
+    prune.run(p, store, None, out)
 
-    before, after = load_file(dense / "model.safetensors"), load_file(out / "model.safetensors")
+    before, after = load_file(dense / "model.safetensors"), load_weights(out)
     assert before.keys() == after.keys()
     n_linear = 0
     for name, w in before.items():
@@ -61,7 +64,9 @@ def test_prune_changes_only_decoder_linears(
 
 def test_scope_layers_and_overrides(tmp_path: Path, tiny_model_dir: Path, params_file: Callable[..., Path]) -> None:
     overrides = {"sparsity": 0.5, "prune": {"scope": "mlp", "layers": "1", "overrides": {"0": 0.25}}}
-    p = load_params(params_file(tiny_model_dir, overrides | {"hessians": {"batch_tokens": 256, "chunk": 32}}))
+    p = load_params(
+        params_file(tiny_model_dir, overrides | {"activations": {"batch_tokens": 256}, "hessians": {"chunk": 32}})
+    )
     g = torch.Generator().manual_seed(1)
     rows = [
         {
@@ -74,8 +79,8 @@ def test_scope_layers_and_overrides(tmp_path: Path, tiny_model_dir: Path, params
     calib, store, out = tmp_path / "g.parquet", tmp_path / "g.zarr", tmp_path / "pruned"
     write_parquet(rows, CALIBRATION, calib, {"source": "generic"})
     hessians.run(p, calib, store, 1)
-    prune.run(p, store, out)
-    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    prune.run(p, store, None, out)
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_weights(out)
     for name, w in before.items():
         if not (name.startswith("model.layers.") and name.endswith("proj.weight")):
             continue
@@ -95,12 +100,15 @@ def test_scope_layers_and_overrides(tmp_path: Path, tiny_model_dir: Path, params
 
 def test_layer_range_out_of_bounds(tmp_path: Path, tiny_model_dir: Path, params_file: Callable[..., Path]) -> None:
     p = load_params(
-        params_file(tiny_model_dir, {"prune": {"layers": "0-5"}, "hessians": {"batch_tokens": 256, "chunk": 32}})
+        params_file(
+            tiny_model_dir,
+            {"prune": {"layers": "0-5"}, "activations": {"batch_tokens": 256}, "hessians": {"chunk": 32}},
+        )
     )
     rows = [{"seq_id": 0, "token_ids": [1, 5, 6, 7], "segment": [0, 0, 1, 1], "source": "rac"}]
     calib, store = tmp_path / "r.parquet", tmp_path / "r.zarr"
     write_parquet(rows, CALIBRATION, calib, {"source": "rac"})
     hessians.run(p, calib, store, 1)
     with pytest.raises(RacError, match="'0-5' is out of bounds: the model has layers 0-1"):
-        prune.run(p, store, tmp_path / "pruned")
+        prune.run(p, store, None, tmp_path / "pruned")
     assert not (tmp_path / "pruned").exists()

@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from stages.cli import main
 from stages.errors import RacError
 from stages.hessians import partial_dir, run
-from stages.models import fingerprint, linear_groups, load_model
+from stages.layers import Skeleton
+from stages.models import fingerprint
 from stages.params import load_params
 from stages.schemas import CALIBRATION, TRACES, read_parquet, tmp_sibling, write_parquet
 from stages.store import HessianStore, HessianWriter
@@ -83,7 +84,7 @@ def _params_text(tmp_path: Path, text: str | bytes) -> Path:
         (lambda t: t.replace("overrides: {}", 'overrides: {"0-1": high}'), ("prune.overrides.0-1='high'",)),
         (lambda t: t.replace("damp: 0.01", "damp: 1e300"), ("prune.damp=1e+300", "(0, 1]")),
         (lambda t: t.replace("damp: 0.01", "damp: .nan"), ("prune.damp=nan", "finite")),
-        (lambda t: t.replace("max_memory_gb: 8", "max_memory_gb: .inf"), ("hessians.max_memory_gb=inf",)),
+        (lambda t: t.replace("memory_gb: 4 ", "memory_gb: .inf "), ("activations.memory_gb=inf",)),
         (lambda t: t.replace("budget_tokens: 16384", "budget_tokens: 4294967296"), ("below 2**31",)),
         (lambda t: t.replace("sources: [generic, prompt, rac]", "sources: [rac, 5]"), ("sources[1]=5", "str")),
         (lambda t: t.replace("seed: 0\n", "seed: true\n", 1), ("toy.seed=True", "int")),
@@ -417,7 +418,7 @@ def test_fuzz_parquet_reader(tmp_path: Path, table: pa.Table, cut: int | None) -
 
 @pytest.fixture
 def built_store(in_tmp: Path, params_file: Callable[..., Path], tiny_model_dir: Path) -> tuple[Path, Path]:
-    params = params_file(tiny_model_dir, {"hessians": {"batch_tokens": 256, "chunk": 16}})
+    params = params_file(tiny_model_dir, {"activations": {"batch_tokens": 256}, "hessians": {"chunk": 16}})
     run(load_params(params), _calibration(in_tmp / "calib.parquet", 4, 16), in_tmp / "rac.zarr", 1)
     return params, in_tmp / "rac.zarr"
 
@@ -550,7 +551,7 @@ def test_kill_at_each_step_of_the_finish_then_rerun(
 ) -> None:
     """Killed after sealing (before the move), after the move, after `complete`, after the swap into place:
     the out is never a wrong complete store, and the rerun ends with the store a clean run gives."""
-    params = params_file(deep_model_dir, {"hessians": {"batch_tokens": 256, "max_memory_gb": 0.0005}})
+    params = params_file(deep_model_dir, {"activations": {"batch_tokens": 256, "memory_gb": 0.0001}})
     calib = _calibration(tmp_path / "calib.parquet", 6, 24)
     args = ["hessians", "--params", str(params), "--calib", str(calib), "--out", "h.zarr"]
     subprocess.run([*RAC, *args[:-1], "fresh.zarr"], cwd=tmp_path, check=True, capture_output=True)
@@ -570,7 +571,7 @@ def test_kill_at_each_step_of_the_finish_then_rerun(
     assert rerun.returncode == 0, rerun.stderr
     _stores_identical(out, tmp_path / "fresh.zarr")
     if step == "remove_build":
-        assert out.stat().st_mtime_ns != out_before  # rebuilt from verified windows, not trusted blindly
+        assert out.stat().st_mtime_ns != out_before  # rebuilt from verified layers, not trusted blindly
     assert not (tmp_path / ".rac").exists()
     cleaned = _invoke("clean", "--root", str(tmp_path))  # a killed move leaves a staged sibling: clean takes it
     assert cleaned.exit_code == 0, cleaned.output
@@ -582,7 +583,7 @@ def test_kill_at_each_step_of_the_finish_then_rerun(
 def test_interrupt_exits_130_and_the_rerun_resumes(
     tmp_path: Path, params_file: Callable[..., Path], deep_model_dir: Path, sig: signal.Signals
 ) -> None:
-    params = params_file(deep_model_dir, {"hessians": {"batch_tokens": 512, "max_memory_gb": 0.0005}})
+    params = params_file(deep_model_dir, {"activations": {"batch_tokens": 512, "memory_gb": 0.001}})
     calib = _calibration(tmp_path / "calib.parquet", 600, 128, seed=5)
     args = ["hessians", "--params", str(params), "--calib", str(calib), "--out", "h.zarr"]
     work = partial_dir(calib, load_params(params), fingerprint(str(deep_model_dir)), tmp_path / "h.zarr")
@@ -610,9 +611,9 @@ def test_interrupt_exits_130_and_the_rerun_resumes(
     resumed = subprocess.run([*RAC, *args], cwd=tmp_path, capture_output=True, text=True)
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
     subprocess.run([*RAC, *args[:-1], "fresh.zarr"], cwd=tmp_path, check=True, capture_output=True)
-    model = load_model(str(deep_model_dir), torch.device("cpu"))
-    store = HessianStore(tmp_path / "h.zarr", fingerprint(str(deep_model_dir)), linear_groups(model))
+    groups = Skeleton(str(deep_model_dir), torch.device("cpu")).groups()
+    store = HessianStore(tmp_path / "h.zarr", fingerprint(str(deep_model_dir)), groups)
     fresh = HessianStore(tmp_path / "fresh.zarr", None)
-    for g in store.groups():  # windows summed in another process: equal up to fp32 summation order
+    for g in store.groups():  # layers summed in another process: equal up to fp32 summation order
         for s, x in store.sums(g).items():
             np.testing.assert_allclose(x, fresh.sums(g)[s], rtol=1e-5, atol=1e-6 * np.abs(x).max())

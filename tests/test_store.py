@@ -24,8 +24,13 @@ N = {"prompt": 7, "decode": 100}
 
 
 def _sums(seed: int, d: int) -> dict[str, np.ndarray]:
+    """Symmetric float32 sums (the store keeps one triangle), as x·xᵀ sums are."""
     rng = np.random.default_rng(seed)
-    return {s: rng.standard_normal((d, d)).astype(np.float32) for s in ("prompt", "decode")}
+    out = {}
+    for s in ("prompt", "decode"):
+        A = rng.standard_normal((d, d)).astype(np.float32)
+        out[s] = np.triu(A) + np.triu(A, 1).T
+    return out
 
 
 def _writer(path: Path, groups: list[LinearGroup] = GROUPS, chunk: int = 16) -> HessianWriter:
@@ -236,10 +241,36 @@ def test_arrays_chunked_and_compressed(tmp_path: Path) -> None:
             assert array.shape == (d, d) and array.chunks == (16, 16) and array.dtype == np.float32
             meta = json.loads((path / key / f"xtx_{segment}" / "zarr.json").read_text())
             assert any("zstd" in codec["name"] for codec in meta["codecs"]), meta["codecs"]
-            n_chunks = -(-d // 16)
-            assert sum(1 for p in (path / key / f"xtx_{segment}" / "c").rglob("*") if p.is_file()) == n_chunks**2
+            n_chunks = -(-d // 16)  # only the chunks on or above the diagonal are written
+            written = sum(1 for p in (path / key / f"xtx_{segment}" / "c").rglob("*") if p.is_file())
+            assert written == n_chunks * (n_chunks + 1) // 2
     _write_store(path, chunk=1024)
     assert zarr.open_group(store=str(path), mode="r")[f"layers/0/{QKV[0]}/xtx_prompt"].chunks == (40, 40)
+
+
+def test_upper_triangle_only_and_no_array_for_an_empty_segment(tmp_path: Path) -> None:
+    """A prompt-only source writes no decode arrays; an unsymmetric sum is read back as its upper triangle's."""
+    path = tmp_path / "prompt.zarr"
+    counts = {"prompt": 7, "decode": 0}
+    writer = HessianWriter(
+        tmp_sibling(path),
+        model_id="tiny",
+        fingerprint=FINGERPRINT,
+        source="prompt",
+        chunk=16,
+        n_tokens=counts,
+        groups=GROUPS[:1],
+    )
+    A = np.random.default_rng(0).standard_normal((40, 40)).astype(np.float32)  # [d, d], not symmetric
+    writer.write_group(0, QKV[0], QKV, {"prompt": A}, counts)
+    writer.seal()
+    writer.publish(path)
+    assert sorted(p.name for p in (path / "layers" / "0" / QKV[0]).iterdir()) == ["xtx_prompt", "zarr.json"]
+    store = HessianStore(path, FINGERPRINT, GROUPS[:1])
+    (group,) = store.groups()
+    sums = store.sums(group)
+    assert list(sums) == ["prompt"]
+    np.testing.assert_array_equal(sums["prompt"], np.triu(A) + np.triu(A, 1).T)
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,17 @@ def mixed_count(counts: dict[str, int], mix: dict[str, float]) -> float:
 
 
 def hessian_from_sums(xtx: dict[str, torch.Tensor], counts: dict[str, int], mix: dict[str, float]) -> torch.Tensor:
-    """H = 2·Σ_s mix[s]·xtx[s] / Σ_s mix[s]·counts[s]: the mean of 2·x·xᵀ over a weighted mix of segments."""
-    missing = sorted(s for s in mix if s not in xtx)
-    if missing:
-        raise ValueError(f"mix={mix!r} names segments {missing} absent from the sums {sorted(xtx)}")
+    """H = 2·Σ_s mix[s]·xtx[s] / Σ_s mix[s]·counts[s]: the mean of 2·x·xᵀ over a weighted mix of segments. A
+    segment of no tokens adds nothing, so ``xtx`` may lack it."""
     n = mixed_count(counts, mix)
-    dtype = torch.float64 if any(xtx[s].dtype == torch.float64 for s in mix) else torch.float32
-    H = torch.zeros_like(next(iter(xtx.values())), dtype=dtype)  # [in, in]
-    for s, weight in mix.items():
-        H += weight * xtx[s].to(dtype)
+    used = [s for s in mix if counts[s] > 0 and mix[s] > 0]
+    missing = sorted(s for s in used if s not in xtx)
+    if missing:
+        raise ValueError(f"mix={mix!r} names segments {missing} with tokens but absent from the sums {sorted(xtx)}")
+    dtype = torch.float64 if any(xtx[s].dtype == torch.float64 for s in used) else torch.float32
+    H = torch.zeros_like(xtx[used[0]], dtype=dtype)  # [in, in]
+    for s in used:
+        H += mix[s] * xtx[s].to(dtype)
     return H.mul_(2.0 / n)
 
 

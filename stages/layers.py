@@ -1,0 +1,419 @@
+"""One engine for walking a model one decoder layer at a time (hessians, and prune in sequential mode).
+
+Reads: the dense model's config and safetensors files, one module's tensors at a time; never the whole model.
+Writes: nothing it keeps; the activations that spill past ``activations.memory_gb`` go to a scratch folder
+that is removed when the walk ends, whether it succeeded or failed.
+
+The model is built on the meta device (structure, no weights). The calibration batches are embedded once; then
+for each decoder layer i only layer i's weights are loaded (by name, from the safetensors files), the layer runs
+once on the cached inputs of every batch, hooks on its linears see their inputs, and its outputs replace the
+inputs in the cache. The arguments a layer gets besides its hidden states (rotary embeddings, attention mask,
+position ids) are captured from the model's own forward, run on the cached hidden states with its decoder layers
+swapped for probes: they are exactly what the model passes, for any family that builds them in its forward.
+
+Activations are float32, as the layers run (``load`` casts weights to float32 like ``models.load_model``):
+caching them in bf16 would change the next layer's inputs, and dense-mode stores would no longer equal a
+full forward pass's.
+"""
+
+import contextlib
+import functools
+import logging
+import resource
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from torch.utils._pytree import tree_map
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as transformers_logging
+
+from stages.errors import RacError
+from stages.models import FIX_SAVE, LinearGroup, decoder_layers, model_dir
+from stages.schemas import SEGMENT_IDS, tmp_sibling
+
+log = logging.getLogger(__name__)
+
+FP32 = 4  # bytes per cached activation and per accumulated sum
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded token ids [B, T] and per-token segment ids [B, T] (-1 on padding)."""
+
+    ids: torch.Tensor
+    segment: torch.Tensor
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return (self.segment >= 0).long()  # [B, T]
+
+
+def batches(ids: list[list[int]], segments: list[list[int]], batch_tokens: int, pad: int) -> list[Batch]:
+    """Right-padded batches, longest first, each holding at most ``batch_tokens`` padded positions (a longer
+    sequence goes alone)."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out: list[Batch] = []
+    start = 0
+    while start < len(order):
+        width = len(ids[order[start]])
+        rows = order[start : start + max(1, batch_tokens // max(width, 1))]
+        batch_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        batch_seg = torch.full((len(rows), width), -1, dtype=torch.long)
+        for r, i in enumerate(rows):
+            batch_ids[r, : len(ids[i])] = torch.tensor(ids[i])
+            batch_seg[r, : len(segments[i])] = torch.tensor(segments[i])
+        out.append(Batch(batch_ids, batch_seg))
+        start += len(rows)
+    return out
+
+
+class Accumulator:
+    """Σ x·xᵀ per segment over the valid (unpadded) tokens that reach one input group; a forward pre-hook."""
+
+    def __init__(self, d: int, device: torch.device) -> None:
+        self.xtx = {s: torch.zeros(d, d, dtype=torch.float32, device=device) for s in SEGMENT_IDS}
+        self.n = dict.fromkeys(SEGMENT_IDS, 0)
+        self.segment: torch.Tensor | None = None  # [B, T] per-token segment id, -1 on padding
+
+    def __call__(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        assert self.segment is not None
+        X = args[0].float()  # [B, T, d]
+        for name, seg_id in SEGMENT_IDS.items():
+            Xs = X[self.segment == seg_id]  # [n, d]: padding (-1) never enters a sum
+            self.xtx[name].addmm_(Xs.T, Xs)
+            self.n[name] += Xs.shape[0]
+
+
+class _Stop(Exception):
+    """Raised by the probe of the wanted layer: nothing after it needs to run."""
+
+
+class _Probe(nn.Module):
+    """Stands in for decoder layer ``index``: passes hidden states on, and at ``stop`` records what it got."""
+
+    def __init__(self, index: int, stop: int, sink: list[tuple[torch.Tensor, tuple, dict]]) -> None:
+        super().__init__()
+        self.index, self.stop, self.sink = index, stop, sink
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.index == self.stop:
+            self.sink.append((hidden_states, args, kwargs))
+            raise _Stop
+        return hidden_states
+
+
+def _record(
+    _module: nn.Module, args: tuple[torch.Tensor, ...], name: str, seen: dict[int, list[str]], inputs: list
+) -> None:
+    """Pre-hook of a probe: file linear ``name`` under the identity of its input tensor."""
+    inputs.append(args[0])
+    seen.setdefault(id(args[0]), []).append(name)
+
+
+class Skeleton:
+    """The model's structure on the meta device; weights come one module at a time from its safetensors files."""
+
+    def __init__(self, model: str, device: torch.device) -> None:
+        self.directory = model_dir(model)
+        self.device = device
+        config = AutoConfig.from_pretrained(self.directory)
+        transformers_logging.disable_progress_bar()
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        self.base = self.model.base_model
+        self.layers = decoder_layers(self.model)
+        self.layers_name = next(n for n, m in self.model.named_modules() if m is self.layers)
+        self._rebuild_buffers(model)
+        self.files = self._tensor_files()
+        # Tied weights (lm_head = embed_tokens) are one parameter, named once: what the checkpoint must hold.
+        absent = [n for n, _ in self.model.named_parameters() if n not in self.files]
+        if absent:
+            raise RacError(f"model {model!r} lacks weights {absent[:3]} ({len(absent)} in all); {FIX_SAVE}")
+        self.dtypes: dict[str, torch.dtype] = {}  # the stored dtype of each tensor loaded so far
+
+    def _rebuild_buffers(self, model: str) -> None:
+        """Modules outside the decoder layers whose buffers are computed, not saved (rotary inv_freq), are built
+        again on the compute device: on the meta device they hold no values."""
+        for name, module in list(self.base.named_children()):
+            if module is self.layers or not any(b.is_meta for b in module.buffers(recurse=False)):
+                continue
+            if set(dict(module.named_buffers(recurse=False))) & set(module.state_dict()):
+                raise RacError(f"model {model!r}: {name} keeps saved buffers, which the layer engine cannot load yet")
+            with torch.device(self.device):
+                setattr(self.base, name, type(module)(config=self.model.config))
+
+    def _tensor_files(self) -> dict[str, Path]:
+        """Which safetensors file holds each tensor name."""
+        files: dict[str, Path] = {}
+        for file in sorted(self.directory.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                files.update(dict.fromkeys(f.keys(), file))
+        return files
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors ``names``, as stored (dtype and all); a missing one is a one-line error."""
+        out: dict[str, torch.Tensor] = {}
+        for file in sorted({self.files[n] for n in names}):
+            with safe_open(str(file), framework="pt") as f:
+                out.update({n: f.get_tensor(n) for n in names if self.files[n] == file})
+        return out
+
+    def prefix(self, i: int) -> str:
+        """The checkpoint name prefix of decoder layer ``i``, e.g. ``model.layers.3.``."""
+        return f"{self.layers_name}.{i}."
+
+    def load(self, name: str) -> nn.Module:
+        """The submodule ``name`` with its checkpoint weights in float32 on the compute device."""
+        module = self.model.get_submodule(name)
+        saved = set(module.state_dict())
+        unsaved = [b for b, _ in module.named_buffers() if b not in saved]
+        if unsaved:
+            raise RacError(f"{name} has computed buffers {unsaved[:3]}, which the layer engine cannot load yet")
+        state = self.tensors([f"{name}.{k}" for k in saved])
+        self.dtypes.update({k: v.dtype for k, v in state.items()})
+        module.to_empty(device=self.device)
+        module.load_state_dict({k[len(name) + 1 :]: v.float() for k, v in state.items()}, strict=True)
+        return module
+
+    def release(self, module: nn.Module) -> None:
+        """Drop ``module``'s weights (back to the meta device)."""
+        module.to("meta")
+
+    @contextlib.contextmanager
+    def loaded(self, name: str) -> Iterator[nn.Module]:
+        """``load(name)`` for the block, released after it."""
+        module = self.load(name)
+        try:
+            yield module
+        finally:
+            self.release(module)
+
+    @torch.no_grad()
+    def capture(self, i: int, **inputs: Any) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
+        """What the model's forward on ``inputs`` passes decoder layer ``i``: (hidden states, args, kwargs)."""
+        sink: list[tuple[torch.Tensor, tuple, dict]] = []
+        parent_name, _, attr = self.layers_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        setattr(parent, attr, nn.ModuleList(_Probe(k, i, sink) for k in range(len(self.layers))))
+        try:
+            self.base(**inputs, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            setattr(parent, attr, self.layers)
+        if not sink:
+            raise RacError(f"{type(self.model).__name__}'s forward never reached decoder layer {i}")
+        return sink[0]
+
+    @torch.no_grad()
+    def groups(self) -> list[LinearGroup]:
+        """Each decoder layer's linears grouped by the input tensor they receive, from a probe on the meta device
+        (no weight is loaded)."""
+        hidden = torch.zeros(1, 2, self.hidden_size(), device=self.device)
+        out: list[LinearGroup] = []
+        for i, layer in enumerate(self.layers):
+            _, args, kwargs = self.capture(i, inputs_embeds=hidden)
+            args, kwargs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, (args, kwargs))
+            seen: dict[int, list[str]] = {}
+            inputs: list[torch.Tensor] = []  # held so that no id() is reused while probing
+            hooks = [
+                m.register_forward_pre_hook(functools.partial(_record, name=n, seen=seen, inputs=inputs))
+                for n, m in layer.named_modules()
+                if isinstance(m, nn.Linear)
+            ]
+            try:
+                layer(hidden.to("meta"), *args, **kwargs)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            out += [LinearGroup(layer=i, members=members) for members in seen.values()]
+        return out
+
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    def layer_bytes(self) -> int:
+        """fp32 bytes of the largest decoder layer's weights."""
+        return max(sum(p.numel() for p in layer.parameters()) for layer in self.layers) * FP32
+
+    def sums_bytes(self, groups: list[LinearGroup]) -> int:
+        """fp32 bytes of the largest decoder layer's sums (two segments per group)."""
+        per_layer: dict[int, int] = {}
+        for g in groups:
+            d = self.layers[g.layer].get_submodule(g.name).in_features
+            per_layer[g.layer] = per_layer.get(g.layer, 0) + len(SEGMENT_IDS) * FP32 * d * d
+        return max(per_layer.values())
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (Linux reports ru_maxrss in KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def scratch_root(disk_dir: str | None, repo: Path) -> Path:
+    """Where activation scratch folders go: ``activations.disk_dir``, else ``<repo>/.rac/activations``."""
+    return Path(disk_dir).expanduser() if disk_dir else repo / ".rac" / "activations"
+
+
+class ActivationCache:
+    """Hidden states [B, T, d] per batch: the first batches that fit ``budget`` bytes in memory, the others in
+    files under a scratch folder of ``root`` (named for this process, so ``rac clean`` can remove one a killed
+    run left behind), removed by ``close``."""
+
+    def __init__(self, budget: float, root: Path) -> None:
+        self.budget = budget
+        self.root = Path(root)
+        self.memory: dict[int, torch.Tensor] = {}
+        self.on_disk: set[int] = set()
+        self.in_memory_bytes = 0
+        self.disk_bytes = 0
+        self.folder: Path | None = None
+
+    def _scratch(self) -> Path:
+        if self.folder is None:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                folder = tmp_sibling(self.root / "activations")
+                folder.mkdir()
+                self.folder = folder
+            except OSError as err:
+                raise RacError(
+                    f"activations.disk_dir {str(self.root)!r} is not writable ({err.strerror}); "
+                    "point it at a writable local folder, or raise activations.memory_gb"
+                ) from err
+        return self.folder
+
+    def check_writable(self) -> None:
+        """Create the scratch folder now, so a folder that can't be written fails before any forward pass."""
+        self._scratch()
+
+    def put(self, b: int, X: torch.Tensor) -> None:
+        """Keep batch ``b``'s hidden states; a batch stays where it was first put (memory or disk)."""
+        size = X.numel() * X.element_size()
+        if b in self.memory or (b not in self.on_disk and self.in_memory_bytes + size <= self.budget):
+            self.in_memory_bytes += size - (self.memory[b].numel() * FP32 if b in self.memory else 0)
+            self.memory[b] = X
+            return
+        torch.save(X.cpu(), self._scratch() / f"{b}.pt")
+        if b not in self.on_disk:
+            self.disk_bytes += size
+        self.on_disk.add(b)
+
+    def get(self, b: int) -> torch.Tensor:
+        if b in self.memory:
+            return self.memory[b]
+        assert self.folder is not None and b in self.on_disk
+        return torch.load(self.folder / f"{b}.pt", weights_only=True)
+
+    def close(self) -> None:
+        """Drop the in-memory part and remove the scratch folder."""
+        self.memory.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # another run's folder is there
+                self.root.rmdir()
+
+
+def check_budget(budget: float, work: list[Batch], d: int) -> None:
+    """The in-memory budget holds at least one batch of activations; else a one-line error with the minimum."""
+    one = max(b.ids.numel() for b in work) * d * FP32
+    if budget < one:
+        raise RacError(
+            f"activations.memory_gb={budget / 2**30:g} is below one batch of activations ({one / 2**30:.4g} GB: "
+            f"batch_tokens x hidden size {d} x 4 bytes); raise it to at least {one / 2**30:.4g} or lower "
+            "activations.batch_tokens"
+        )
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a layer walk holds at most: one layer's weights, its sums, the in-memory activations, one batch."""
+
+    layer_weights: int
+    layer_sums: int
+    activations_in_memory: int
+    activations_on_disk: int
+    batch: int
+
+    @property
+    def peak(self) -> int:
+        return self.layer_weights + self.layer_sums + self.activations_in_memory + self.batch
+
+    def as_dict(self) -> dict[str, float]:
+        """The plan in GB, for logs and reports."""
+        gb = {k: round(v / 2**30, 4) for k, v in vars(self).items()}
+        return gb | {"peak": round(self.peak / 2**30, 4)}
+
+
+def plan(skeleton: Skeleton, groups: list[LinearGroup], work: list[Batch], budget: float) -> MemoryPlan:
+    """The memory plan of walking ``work`` under an in-memory activation ``budget`` (bytes)."""
+    d = skeleton.hidden_size()
+    sizes = [b.ids.numel() * d * FP32 for b in work]
+    in_memory = 0
+    for size in sizes:
+        if in_memory + size <= budget:
+            in_memory += size
+    return MemoryPlan(
+        layer_weights=skeleton.layer_bytes(),
+        layer_sums=skeleton.sums_bytes(groups),
+        activations_in_memory=in_memory,
+        activations_on_disk=sum(sizes) - in_memory,
+        batch=max(sizes),
+    )
+
+
+class LayerWalk:
+    """The calibration batches pushed through the decoder layers one at a time (see the module docstring)."""
+
+    def __init__(self, skeleton: Skeleton, work: list[Batch], cache: ActivationCache) -> None:
+        self.skeleton = skeleton
+        self.work = work
+        self.cache = cache
+
+    @torch.no_grad()
+    def embed(self) -> None:
+        """Cache the inputs of decoder layer 0 of every batch; the embedding table is loaded for this only."""
+        table = self.skeleton.model.get_input_embeddings()
+        name = next(n for n, m in self.skeleton.model.named_modules() if m is table)
+        with self.skeleton.loaded(name):
+            for b, batch in enumerate(tqdm(self.work, desc="embed", unit="batch", leave=False)):
+                device = self.skeleton.device
+                ids, mask = batch.ids.to(device), batch.attention_mask.to(device)
+                X, _, _ = self.skeleton.capture(0, input_ids=ids, attention_mask=mask)  # [B, T, d]
+                self.cache.put(b, X)
+
+    @torch.no_grad()
+    def forward(
+        self, i: int, layer: nn.Module, keep: bool, accumulators: dict[str, Accumulator] | None = None, label: str = ""
+    ) -> None:
+        """Run decoder layer ``i`` (loaded as ``layer``) on every batch's cached inputs; ``accumulators`` (by
+        linear name) see their linear's inputs; with ``keep`` the outputs replace the inputs in the cache."""
+        accumulators = accumulators or {}
+        hooks = [layer.get_submodule(name).register_forward_pre_hook(acc) for name, acc in accumulators.items()]
+        device = self.skeleton.device
+        try:
+            for b, batch in enumerate(tqdm(self.work, desc=label or f"layer {i}", unit="batch", leave=False)):
+                X = self.cache.get(b).to(device)  # [B, T, d]
+                mask = batch.attention_mask.to(device)
+                _, args, kwargs = self.skeleton.capture(i, inputs_embeds=X, attention_mask=mask)
+                segment = batch.segment.to(device)
+                for acc in accumulators.values():
+                    acc.segment = segment
+                Y = layer(X, *args, **kwargs)
+                if keep:
+                    self.cache.put(b, Y[0] if isinstance(Y, tuple) else Y)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def advance(self, i: int) -> None:
+        """Run decoder layer ``i`` with its checkpoint weights, only to pass its outputs on (a resume)."""
+        with self.skeleton.loaded(self.skeleton.layers_name + f".{i}") as layer:
+            self.forward(i, layer, keep=True, label=f"layer {i} (resume)")
