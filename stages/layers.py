@@ -348,8 +348,8 @@ class MemoryPlan:
 
     def as_dict(self) -> dict[str, float]:
         """The plan in GB, for logs and reports."""
-        gb = {k: round(v / 2**30, 4) for k, v in vars(self).items()}
-        return gb | {"peak": round(self.peak / 2**30, 4)}
+        gb = {k: round(v / 2**30, 6) for k, v in vars(self).items()}
+        return gb | {"peak": round(self.peak / 2**30, 6)}
 
 
 def plan(skeleton: Skeleton, groups: list[LinearGroup], work: list[Batch], budget: float) -> MemoryPlan:
