@@ -211,5 +211,6 @@ def dvc_project(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_cmd(["git", "init", "-q", "-b", "main"], repo)
     run_cmd([*DVC, "init", "-q"], repo)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the project's cache settings
     git_commit(repo, "init")
     return params
