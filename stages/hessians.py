@@ -142,7 +142,7 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> Memo
     work_batches = batches(ids[rank::world_size], segments[rank::world_size], p.activations.batch_tokens, pad)
     budget = p.activations.memory_gb * 2**30
     check_budget(budget, work_batches, skeleton.hidden_size())
-    memory = plan(skeleton, groups, work_batches, budget)
+    memory = plan(skeleton, groups, [b.ids.numel() for b in work_batches], budget)
     cache = ActivationCache(budget, scratch_root(p.activations.disk_dir, repo_root(Path(out).parent)))
     if memory.activations_on_disk:
         cache.check_writable()

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 
 from stages.errors import RacError
+from stages.layers import Skeleton, plan
+from stages.models import fingerprint
 from stages.params import Params
 from stages.schemas import SEGMENT_IDS, tmp_sibling
 from stages.solvers import hessian_from_sums
@@ -41,6 +43,21 @@ def info(p: Params, path: Path) -> None:
         )
     files = sum(1 for f in store.path.rglob("*") if f.is_file())
     print(f"total {total / 2**20:.2f} MB on disk in {files} files")
+    _memory(p, store)
+
+
+def _memory(p: Params, store: HessianStore) -> None:
+    """What a layer walk over this store's tokens holds at most under ``activations`` (padding aside): the memory
+    its build used, or a sequential prune on the same sequences will."""
+    if store.attrs["model_fingerprint"] != fingerprint(p.dense):
+        print(f"memory: `model` in params is not the store's model {store.attrs['model_id']!r}; not planned")
+        return
+    skeleton = Skeleton(p.dense, torch.device("cpu"))
+    n, per_batch = sum(store.n_tokens.values()), p.activations.batch_tokens
+    positions = [per_batch] * (n // per_batch) + ([n % per_batch] if n % per_batch else [])
+    memory = plan(skeleton, skeleton.groups(), positions, p.activations.memory_gb * 2**30)
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in memory.as_dict().items())
+    print(f"layer walk memory (GB, activations.memory_gb={p.activations.memory_gb:g}): {parts}")
 
 
 def verify(path: Path) -> None:

@@ -352,10 +352,11 @@ class MemoryPlan:
         return gb | {"peak": round(self.peak / 2**30, 6)}
 
 
-def plan(skeleton: Skeleton, groups: list[LinearGroup], work: list[Batch], budget: float) -> MemoryPlan:
-    """The memory plan of walking ``work`` under an in-memory activation ``budget`` (bytes)."""
+def plan(skeleton: Skeleton, groups: list[LinearGroup], positions: list[int], budget: float) -> MemoryPlan:
+    """The memory plan of walking batches of ``positions`` padded tokens each under an in-memory activation
+    ``budget`` (bytes)."""
     d = skeleton.hidden_size()
-    sizes = [b.ids.numel() * d * FP32 for b in work]
+    sizes = [n * d * FP32 for n in positions]
     in_memory = 0
     for size in sizes:
         if in_memory + size <= budget:

@@ -85,7 +85,7 @@ class _Sequential:
         work = batches(ids, segments, p.activations.batch_tokens, pad)
         budget = p.activations.memory_gb * 2**30
         check_budget(budget, work, skeleton.hidden_size())
-        self.memory = plan(skeleton, groups, work, budget)
+        self.memory = plan(skeleton, groups, [b.ids.numel() for b in work], budget)
         self.cache = ActivationCache(budget, scratch_root(p.activations.disk_dir, repo_root(Path(out).parent)))
         if self.memory.activations_on_disk:
             self.cache.check_writable()
