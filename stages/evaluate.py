@@ -5,6 +5,7 @@ volatile wall seconds and generated tokens/s, which the CLI writes to ``--timing
 they stay pure functions of their inputs).
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -69,7 +70,10 @@ def run(p: Params, model: str, out: Path) -> dict[str, float]:
     problems = task.problems(s.n_problems, s.seed)
     prompts = [encode_prompt(tokenizer, pr.prompt, p.chat.system_prompt) for pr in problems]
     start = time.perf_counter()
-    generations = generate(model, prompts, s, s.samples_per_problem, p.vllm)
+    engine = p.vllm
+    if s.quantization is not None:  # vLLM quantizes the weights as it loads them
+        engine = dataclasses.replace(engine, options={**engine.options, "quantization": s.quantization})
+    generations = generate(model, prompts, s, s.samples_per_problem, engine)
     wall_s = time.perf_counter() - start
     rows = []
     for problem_id, (problem, prompt_ids, samples) in enumerate(zip(problems, prompts, generations, strict=True)):

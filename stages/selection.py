@@ -66,3 +66,11 @@ def layer_sparsities(
         for i in parse_layers(spec, n_layers):
             per_layer[i] = value
     return per_layer
+
+
+def selected_layers(layers: str, overrides: dict[str, float], n_layers: int) -> set[int]:
+    """Decoder layers that ``layers`` or any ``overrides`` key names: the layers a quantizer compresses."""
+    chosen = parse_layers(layers, n_layers)
+    for spec in overrides:
+        chosen |= parse_layers(spec, n_layers)
+    return chosen

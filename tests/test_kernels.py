@@ -4,9 +4,12 @@ On CPU the kernel runs under the Triton interpreter (TRITON_INTERPRET=1, set by 
 GPU, compiled.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from stages.solvers import Options
 from stages.solvers.sparsegpt import obs_block, sparsegpt
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: interpreted, see conftest.py
@@ -20,9 +23,9 @@ def _problem(out: int, in_: int, seed: int, device: str) -> tuple[torch.Tensor, 
 
 
 def _compare(W: torch.Tensor, H: torch.Tensor, pattern: str, sparsity: float, block_size: int) -> None:
-    kwargs = {"sparsity": sparsity, "pattern": pattern, "block_size": block_size, "damp": 0.01}
-    ref = sparsegpt(W, H, kernel="torch", **kwargs)
-    fused = sparsegpt(W, H, kernel="triton", **kwargs)
+    opts = Options(sparsity, pattern, block_size, 0.01, "torch", None)
+    ref = sparsegpt(W, H, opts)
+    fused = sparsegpt(W, H, replace(opts, kernel="triton"))
     # Continuous random data has no tied scores, so the masks must be identical.
     assert torch.equal(ref.mask, fused.mask)
     # Both run the same float32 operations per column, in a different order inside the reductions:

@@ -18,7 +18,7 @@ from stages.layers import Accumulator, ActivationCache, LayerWalk, Skeleton, bat
 from stages.models import decoder_layers, load_model
 from stages.params import load_params
 from stages.schemas import CALIBRATION, write_parquet
-from stages.solvers import get_solver, hessian_from_sums
+from stages.solvers import SOLVERS, Options, hessian_from_sums
 from stages.store import HessianStore
 
 CPU = torch.device("cpu")
@@ -153,7 +153,7 @@ def test_sequential_equals_a_hand_written_loop(
     model = load_model(str(tiny_model_dir), CPU)
     groups = Skeleton(str(tiny_model_dir), CPU).groups()
     ids, segs = _sequences(2)
-    solver = get_solver("sparsegpt")
+    solver = SOLVERS["sparsegpt"]
     for i, layer in enumerate(decoder_layers(model)):
         mine = [g for g in groups if g.layer == i]
         accumulators = {g.name: Accumulator(layer.get_submodule(g.name).in_features, CPU) for g in mine}
@@ -169,15 +169,7 @@ def test_sequential_equals_a_hand_written_loop(
             H = hessian_from_sums(accumulators[g.name].xtx, accumulators[g.name].n, p.prune.mix)
             for member in g.members:
                 linear = layer.get_submodule(member)
-                pruned = solver(
-                    linear.weight.data,
-                    H,
-                    sparsity=0.5,
-                    pattern="unstructured",
-                    block_size=128,
-                    damp=0.01,
-                    kernel="torch",
-                )
+                pruned = solver(linear.weight.data, H, Options(0.5, "unstructured", 128, 0.01, "torch", None))
                 linear.weight.data.copy_(pruned.weight)
     got = load_weights(tmp_path / "seq")
     for name, W in model.state_dict().items():
@@ -231,7 +223,7 @@ def test_scratch_is_removed_after_a_failure(
     }
     p = load_params(params_file(tiny_model_dir, overrides))
     seen: list[int] = []
-    real = prune._pruned_layer
+    real = prune._compressed_layer
 
     def fail_on_layer_1(*args: object, **kwargs: object) -> object:
         seen.append(sum(1 for _ in scratch.rglob("*.pt")))  # spilled activations are on disk now
@@ -239,7 +231,7 @@ def test_scratch_is_removed_after_a_failure(
             raise RuntimeError("solver died")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(prune, "_pruned_layer", fail_on_layer_1)
+    monkeypatch.setattr(prune, "_compressed_layer", fail_on_layer_1)
     with pytest.raises(RuntimeError, match="solver died"):
         prune.run(p, None, calib, tmp_path / "out")
     assert seen[0] > 0

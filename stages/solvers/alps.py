@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import torch
 
-from stages.solvers.base import Pruned, layer_loss, n_pruned
+from stages.solvers.base import Compressed, Options, check_shapes, layer_loss, n_pruned
+from stages.solvers.hessian import damped
 from stages.solvers.masks import keep_nm, keep_smallest_pruned, layer_pattern
 
 # ρ relative to the unit diagonal of Hn. Small, so that the first iterates follow the loss rather than the
@@ -51,19 +52,12 @@ class Admm(NamedTuple):
     rho: float  # ρ at the last iteration
 
 
-def alps(
-    W: torch.Tensor, H: torch.Tensor, *, sparsity: float, pattern: str, block_size: int, damp: float, kernel: str
-) -> Pruned:
-    """Prune W [out, in] to ``sparsity`` by ADMM on ||WX − ŴX||², then a masked PCG polish.
-
-    block_size and kernel are accepted for the common signature and unused.
-    """
-    in_ = W.shape[1]
-    if H.shape != (in_, in_):
-        raise ValueError(f"H has shape {tuple(H.shape)} but W {tuple(W.shape)} needs [{in_}, {in_}]")
-    nm = layer_pattern(pattern, sparsity, in_)
-    Wn, Hn, L, Q, s = jacobi_scaled(W, H, damp)
-    k = n_pruned(sparsity, W.numel())
+def alps(W: torch.Tensor, H: torch.Tensor, opts: Options) -> Compressed:
+    """Prune W [out, in] to ``opts.sparsity`` by ADMM on ||WX − ŴX||², then a masked PCG polish."""
+    check_shapes(W, H)
+    nm = layer_pattern(opts.pattern, opts.sparsity, W.shape[1])
+    Wn, Hn, L, Q, s = jacobi_scaled(W, H, opts.damp)
+    k = n_pruned(opts.sparsity, W.numel())
     start = _project(Wn, k, nm)  # [out, in] magnitude of Wn: Wanda's score, chosen over the layer or per group
     admm = admm_support(Wn, Hn, L, Q, start, k, nm)
     # ADMM on an ℓ0 set is not monotone and can end on a worse support than it started from: up to 2% worse on
@@ -72,18 +66,14 @@ def alps(
     fits = []
     for mask, B0 in ((admm.mask, admm.D), (start, Wn * start)):
         weight = (masked_pcg(Wn, Hn, mask, B0, PCG_ITERS) / s).to(W.dtype)  # [out, in]
-        fits.append(Pruned(weight, mask, layer_loss(W, weight, H), damp))
+        fits.append(Compressed(weight, mask, layer_loss(W, weight, H), opts.damp, None))
     return min(fits, key=lambda p: p.loss)
 
 
 def jacobi_scaled(W: torch.Tensor, H: torch.Tensor, damp: float) -> Scaled:
     """The problem in coordinates B = Ŵ·diag(s), s = sqrt(diag(H_damped)), where Hn has a unit diagonal."""
     dtype = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
-    Hd = H.to(torch.float64, copy=True)  # [in, in]
-    dead = torch.diag(Hd) == 0  # [in]
-    # A dead input never reaches the output; unit curvature keeps the scaling finite and its weight at 0.
-    Hd[dead, dead] = 1
-    Hd.diagonal().add_(damp * torch.diag(Hd).mean())
+    Hd, dead = damped(H.to(torch.float64), damp)  # [in, in], [in]
     s = torch.diag(Hd).clamp(min=0).sqrt()  # [in]
     s[s == 0] = 1  # a non-positive diagonal (an indefinite H) is left unscaled rather than turned into NaNs
     Hn = Hd / s.unsqueeze(0) / s.unsqueeze(1)  # [in, in], unit diagonal

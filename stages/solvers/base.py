@@ -1,17 +1,61 @@
-"""What every solver returns, the loss it reports, and the exact counts of weights it prunes."""
+"""What every solver reads (``Options``) and returns (``Compressed``), the loss it reports, and exact prune counts."""
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+# Integer widths a quantizing solver writes: 2 and 3 bits for studies, 4 and 8 for the exports vLLM serves.
+QUANT_BITS = (2, 3, 4, 8)
 
-class Pruned(NamedTuple):
-    """A pruned layer: Ŵ is zero wherever ``mask`` is False."""
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Integer weight quantization: Ŵ = scale·(q − zero) with q in [0, 2^bits − 1]."""
+
+    bits: int
+    group_size: int | None  # consecutive inputs sharing one scale per output row; None: one per row
+    symmetric: bool  # zero fixed at 2^(bits−1), scale from max |w|; else zero and scale from [min, max]
+    act_order: bool  # visit the inputs by decreasing H_jj (groups stay contiguous in the original order)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything a solver may read; each reads what it needs."""
+
+    sparsity: float  # fraction of W pruned
+    pattern: str  # "unstructured" or "N:M" (N pruned in every M consecutive inputs)
+    block_size: int  # columns per lazy batch of the OBS solvers
+    damp: float  # fraction of mean(diag H) added before inversion
+    kernel: str  # "torch" or "triton": the OBS column loop
+    quant: QuantSpec | None  # None: no quantization
+
+
+class Quantized(NamedTuple):
+    """The integer form of a quantized Ŵ [out, in]: Ŵ = scale[:, j // group]·(codes − zero[:, j // group])."""
+
+    codes: torch.Tensor  # [out, in] uint8 in [0, 2^bits − 1]
+    scale: torch.Tensor  # [out, groups] float32
+    zero: torch.Tensor  # [out, groups] uint8
+    bits: int
+    group_size: int | None  # None: groups == 1
+    symmetric: bool  # zero == 2^(bits−1) everywhere
+
+
+class Compressed(NamedTuple):
+    """A compressed layer: Ŵ is zero wherever ``mask`` is False, and on the grid of ``quant`` when it is set."""
 
     weight: torch.Tensor  # [out, in] Ŵ, in W's dtype
     mask: torch.Tensor  # [out, in] bool, True where the weight is kept (it may still be 0, e.g. a dead input)
     loss: float  # layer_loss(W, Ŵ, H) with the undamped H
     damp_used: float  # fraction of mean(diag(H)) added before inversion; 0.0 if H was never inverted
+    quant: Quantized | None  # None: Ŵ is not quantized
+
+
+def check_shapes(W: torch.Tensor, H: torch.Tensor) -> None:
+    """W [out, in] and H [in, in] belong together."""
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"H has shape {tuple(H.shape)} but W {tuple(W.shape)} needs [{W.shape[-1]}, {W.shape[-1]}]")
 
 
 def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

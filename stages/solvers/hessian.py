@@ -43,19 +43,25 @@ def hessian_from_sums(xtx: dict[str, torch.Tensor], counts: dict[str, int], mix:
     return H.mul_(2.0 / n)
 
 
+def damped(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H + damp·mean(diag H)·I [in, in], dead [in]): the one damping of every solver, on a copy of H.
+
+    A dead input (H_jj == 0, always zero) never reaches the output, so it first gets unit curvature, which
+    keeps H invertible and its weight at 0."""
+    H = H.clone()
+    dead = torch.diag(H) == 0  # [in]
+    H[dead, dead] = 1
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    return H, dead
+
+
 def prepare_hessian(H: torch.Tensor, damp: float) -> Prepared:
     """Damp H (escalating ×10 until Cholesky succeeds) and return the upper Cholesky factor of its inverse."""
     dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
-    H = H.to(dtype, copy=True)  # [in, in]
-    dead = torch.diag(H) == 0  # [in]
-    # A dead input never reaches the output, so any positive curvature keeps H invertible.
-    H[dead, dead] = 1
-    mean_diag = torch.mean(torch.diag(H))
-    diag = torch.arange(H.shape[0], device=H.device)
+    H = H.to(dtype)  # [in, in]
     damp_used = damp
     for escalations in range(MAX_ESCALATIONS + 1):
-        Hd = H.clone()
-        Hd[diag, diag] += damp_used * mean_diag
+        Hd, dead = damped(H, damp_used)
         L, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
             Hinv = torch.cholesky_inverse(L)

@@ -5,7 +5,6 @@ import re
 
 import torch
 
-from stages.errors import RacError
 from stages.solvers.base import n_pruned
 
 # Sparsity is a float typed by hand (`-S sparsity=0.5`), so N/M only has to match to this absolute tolerance.
@@ -16,23 +15,22 @@ def parse_pattern(pattern: str, sparsity: float) -> tuple[int, int] | None:
     """(N, M) for an "N:M" pattern (N pruned in every M consecutive inputs), None for "unstructured"."""
     if not isinstance(pattern, str):
         # Unquoted in YAML 1.1, 2:4 is the base-60 integer 124.
-        raise RacError(f"prune.pattern={pattern!r} is not a string; quote it in params.yaml, e.g. pattern: '2:4'")
+        raise ValueError(f"pattern={pattern!r} is not a string; quote it, e.g. pattern: '2:4'")
     if pattern == "unstructured":
         return None
     match = re.fullmatch(r"(\d+):(\d+)", pattern)
     if match is None:
-        raise RacError(f"prune.pattern={pattern!r} is neither 'unstructured' nor 'N:M' with integers; use e.g. '2:4'")
+        raise ValueError(f"pattern={pattern!r} is neither 'unstructured' nor 'N:M' with integers; use e.g. '2:4'")
     n, m = int(match[1]), int(match[2])
     if n < 1:
-        raise RacError(f"prune.pattern={pattern!r} prunes N={n} per group; N must be at least 1, e.g. '2:4'")
+        raise ValueError(f"pattern={pattern!r} prunes N={n} per group; N must be at least 1, e.g. '2:4'")
     if m < 2:
-        raise RacError(f"prune.pattern={pattern!r} has groups of M={m}; M must be at least 2, e.g. '2:4'")
+        raise ValueError(f"pattern={pattern!r} has groups of M={m}; M must be at least 2, e.g. '2:4'")
     if n >= m:
-        raise RacError(f"prune.pattern={pattern!r} prunes N={n} of every M={m}; N must be below M, e.g. '2:4'")
+        raise ValueError(f"pattern={pattern!r} prunes N={n} of every M={m}; N must be below M, e.g. '2:4'")
     if not math.isclose(sparsity, n / m, rel_tol=0, abs_tol=SPARSITY_ATOL):
-        raise RacError(
-            f"sparsity={sparsity!r} contradicts prune.pattern={pattern!r} (which prunes {n / m!r}); "
-            f"set sparsity to {n / m!r}"
+        raise ValueError(
+            f"sparsity={sparsity!r} contradicts pattern={pattern!r} (which prunes {n / m!r}); set sparsity to {n / m!r}"
         )
     return n, m
 
@@ -41,8 +39,8 @@ def layer_pattern(pattern: str, sparsity: float, in_features: int) -> tuple[int,
     """parse_pattern, and check that the layer's inputs split into whole groups of M."""
     nm = parse_pattern(pattern, sparsity)
     if nm is not None and in_features % nm[1] != 0:
-        raise RacError(
-            f"prune.pattern={pattern!r} needs in_features divisible by {nm[1]}, but this layer has {in_features}; "
+        raise ValueError(
+            f"pattern={pattern!r} needs in_features divisible by {nm[1]}, but this layer has {in_features}; "
             f"use 'unstructured' or a pattern whose M divides {in_features}"
         )
     return nm

@@ -2,25 +2,20 @@
 
 import torch
 
-from stages.solvers.base import Pruned, layer_loss
+from stages.solvers.base import Compressed, Options, check_shapes, layer_loss
 from stages.solvers.masks import keep_nm, keep_smallest_per_row, layer_pattern, row_counts
 
 
-def wanda(
-    W: torch.Tensor, H: torch.Tensor, *, sparsity: float, pattern: str, block_size: int, damp: float, kernel: str
-) -> Pruned:
-    """Zero the smallest |w_ij|·sqrt(H_jj) per row (or N per group of M); only diag(H) chooses the mask.
-
-    block_size, damp and kernel are accepted for the common signature and unused.
-    """
+def wanda(W: torch.Tensor, H: torch.Tensor, opts: Options) -> Compressed:
+    """Zero the smallest |w_ij|·sqrt(H_jj) per row (or N per group of M); only diag(H) chooses the mask."""
+    check_shapes(W, H)
     out, in_ = W.shape
-    if H.shape != (in_, in_):
-        raise ValueError(f"H has shape {tuple(H.shape)} but W {tuple(W.shape)} needs [{in_}, {in_}]")
-    nm = layer_pattern(pattern, sparsity, in_)
+    sparsity = opts.sparsity
+    nm = layer_pattern(opts.pattern, sparsity, in_)
     # H = mean of 2xxᵀ, so sqrt(H_jj) = sqrt(2)·||x_j||/sqrt(n): a common factor that never changes a ranking.
     norms = torch.diag(H).to(torch.float64).clamp(min=0).sqrt()  # [in]
     scores = W.to(torch.float64).abs() * norms  # [out, in]
     # Per-row counts sum to exactly round(sparsity·numel), the count every other unstructured solver prunes.
     M = keep_smallest_per_row(scores, row_counts(sparsity, out, in_)) if nm is None else keep_nm(scores, *nm)
     weight = torch.where(M, W, torch.zeros_like(W))
-    return Pruned(weight, M, layer_loss(W, weight, H), 0.0)
+    return Compressed(weight, M, layer_loss(W, weight, H), 0.0, None)
