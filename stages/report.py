@@ -128,7 +128,8 @@ def exp_show() -> list[dict[str, Any]]:
 Value = float | int | str | bool | None
 Models = dict[str, dict[str, float]]
 
-SWEEP_FIELDS = ("accuracy", "accuracy_se", "wall_seconds", "mean_cot_tokens", "frac_hit_max")
+SWEEP_FIELDS = ("accuracy", "accuracy_se", "wall_seconds", "tokens_per_second", "mean_cot_tokens", "frac_hit_max")
+VOLATILE = ("wall_seconds", "tokens_per_second")  # from data/timings: they differ between runs of one model
 
 
 class Sweep(NamedTuple):
@@ -212,7 +213,7 @@ def sweep_points(entries: list[dict[str, Any]], sources: list[str], key: str | N
         if any(path not in metrics for path in needed):
             continue
         models = {
-            n: metrics[_metrics_path(n)]["data"] | {"wall_seconds": metrics[_timings_path(n)]["data"]["wall_seconds"]}
+            n: metrics[_metrics_path(n)]["data"] | {k: metrics[_timings_path(n)]["data"][k] for k in VOLATILE}
             for n in names
         }
         found.append((differing[0] if differing else None, values, models))
@@ -242,7 +243,7 @@ def _fields(points: dict[Value, Models]) -> tuple[str, ...]:
 
 def _dense_varies(points: dict[Value, Models]) -> bool:
     """Whether the dense model's metrics (not its wall time) differ between points: the key changes its evaluation."""
-    dense = [{k: v for k, v in models["dense"].items() if k != "wall_seconds"} for models in points.values()]
+    dense = [{k: v for k, v in models["dense"].items() if k not in VOLATILE} for models in points.values()]
     return len({json.dumps(m, sort_keys=True) for m in dense}) > 1
 
 
@@ -254,7 +255,8 @@ def sweep_table(p: Params, sweep: Sweep) -> str:
     columns = ["dense", *p.sources] if _dense_varies(points) else p.sources
 
     def accuracy(m: dict[str, float]) -> str:
-        return f"{m['accuracy']:.3f} ± {m['accuracy_se']:.3f} ({m['wall_seconds']:.1f} s)"
+        timing = f"{m['wall_seconds']:.1f} s, {m['tokens_per_second']:.0f} tok/s"
+        return f"{m['accuracy']:.3f} ± {m['accuracy_se']:.3f} ({timing})"
 
     def length(m: dict[str, float]) -> str:
         return f"{m['mean_cot_tokens']:.1f} / {m['frac_hit_max']:.3f}" + (
@@ -278,7 +280,7 @@ def sweep_table(p: Params, sweep: Sweep) -> str:
         head += f"; dense: {accuracy(dense)}, mean CoT / hit max{' / parseable' if parseable else ''} {length(dense)}"
     header = [f"| {key} | " + " | ".join(columns) + " |", "| --- " * (len(columns) + 1) + "|"]
     sections = []
-    for title, cell in (("Accuracy ± SE (evaluation wall time)", accuracy), (length_title, length)):
+    for title, cell in (("Accuracy ± SE (evaluation wall time, generated tokens/s)", accuracy), (length_title, length)):
         rows = [
             f"| {_label(v)} | " + " | ".join(cell(models[c]) for c in columns) + " |" for v, models in points.items()
         ]

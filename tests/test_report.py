@@ -41,7 +41,10 @@ def _revision(rev: str, accuracy: float, timestamp: str | None, **changes: Any) 
     metrics = (
         {f"data/evaluate/{name}/metrics.json": {"data": dict(model)} for name in SOURCES}
         | {"data/evaluate/dense/metrics.json": {"data": model | {"accuracy": 0.95}}}
-        | {f"data/timings/evaluate-{name}.json": {"data": {"wall_seconds": 1.0}} for name in ["dense", *SOURCES]}
+        | {
+            f"data/timings/evaluate-{name}.json": {"data": {"wall_seconds": 1.0, "tokens_per_second": 50.0}}
+            for name in ["dense", *SOURCES]
+        }
     )
     return {
         "rev": rev,
@@ -177,7 +180,7 @@ def test_categorical_sweep_table_with_parseable_answers(tmp_path: Path, monkeypa
     assert [float(r["rac_accuracy"]) for r in rows] == [0.4, 0.9, 0.5]
     assert table.startswith("Sweep of `pruner`: sparsity 0.7, ") and "pruner `" not in table
     assert "| pruner | prompt | rac |" in table  # the pruner does not change dense: it is in the head
-    assert "| wanda | 0.500 ± 0.010 (1.0 s) | 0.500 ± 0.010 (1.0 s) |" in table
+    assert "| wanda | 0.500 ± 0.010 (1.0 s, 50 tok/s) | 0.500 ± 0.010 (1.0 s, 50 tok/s) |" in table
     assert "fraction with a parseable answer" in table and "| wanda | 90.0 / 0.100 / 0.750 |" in table
 
 
@@ -190,7 +193,8 @@ def test_numeric_sweep_table_shows_dense_where_it_changes(tmp_path: Path, monkey
     assert [int(r["evaluate.max_new_tokens"]) for r in rows] == [64, 256, 512]
     assert "| evaluate.max_new_tokens | dense | prompt | rac |" in table and "dense:" not in table
     assert (
-        "| 512 | 0.970 ± 0.010 (1.0 s) | 0.950 ± 0.010 (1.0 s) |" in table and "parseable" not in table
+        "| 512 | 0.970 ± 0.010 (1.0 s, 50 tok/s) | 0.950 ± 0.010 (1.0 s, 50 tok/s) |" in table
+        and "parseable" not in table
     )  # not every point has it
 
 

@@ -46,7 +46,8 @@ def test_queued_sweep_gives_table_and_figure(tmp_path: Path) -> None:
     for sparsity, models in points.items():
         for source in params["sources"]:
             m = models[source]
-            assert f"{m['accuracy']:.3f} ± {m['accuracy_se']:.3f} ({m['wall_seconds']:.1f} s)" in table
+            timing = f"{m['wall_seconds']:.1f} s, {m['tokens_per_second']:.0f} tok/s"
+            assert f"{m['accuracy']:.3f} ± {m['accuracy_se']:.3f} ({timing})" in table
             assert float(rows[list(points).index(sparsity)][f"{source}_accuracy"]) == m["accuracy"]
         assert table.count(f"| {sparsity:g} | ") == 2  # the accuracy table and the CoT length table
     # Pruning harder never helps the embedded reasoner much: RAC at 0.3 is at least as good as at 0.7.
