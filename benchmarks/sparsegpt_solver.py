@@ -4,7 +4,8 @@ Paths compared, at equal loss:
 - ``unfused``: a direct transcription of the SparseGPT algorithm with no lazy batching: every
   column's OBS update is applied at once to all the columns right of it (memory-bound rank-1s);
 - ``torch``: rac's solver, column loop in torch per block of 128, lazy trailing updates as GEMMs;
-- ``triton``: rac's solver with the fused block kernel (CUDA only).
+- ``triton``: rac's solver with the fused block kernel (CUDA only);
+- ``gptq-w4``: GPTQ's loop (the same OBS pass, every weight rounded to a 4-bit grid), for its cost.
 Also printed: the share of the torch path's time spent in the trailing GEMMs alone (the floor a
 fused kernel can approach). On a 2-core CPU use ``--scale 0.25`` (layer dims divided by 4).
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from stages.solvers import Options, QuantSpec, gptq
 from stages.solvers.base import block_counts, layer_loss
 from stages.solvers.hessian import prepare_hessian
 from stages.solvers.masks import keep_smallest_pruned
@@ -95,16 +97,21 @@ def main() -> None:
             base, (_, loss) = timed(device, unfused, W, H)
             rows.append(("unfused", base, loss))
         for kernel in kernels:
-            kwargs = {"sparsity": SPARSITY, "pattern": "unstructured", "block_size": BLOCK, "damp": DAMP}
-            timed(device, sparsegpt, W, H, kernel=kernel, **kwargs)  # warm-up (Triton compiles here)
-            seconds, result = timed(device, sparsegpt, W, H, kernel=kernel, **kwargs)
+            opts = Options(SPARSITY, "unstructured", BLOCK, DAMP, kernel, None)
+            timed(device, sparsegpt, W, H, opts)  # warm-up (Triton compiles here)
+            seconds, result = timed(device, sparsegpt, W, H, opts)
             rows.append((kernel, seconds, result.loss))
+        # GPTQ's column loop on the same layer: 4 bits, groups of 128 where they divide the width, else one scale
+        # per row (its loss is a rounding error, not a pruning one: not comparable with the rows above).
+        grid = QuantSpec(4, 128 if in_ % 128 == 0 else None, True, False)
+        seconds, result = timed(device, gptq, W, H, Options(0.0, "unstructured", BLOCK, DAMP, "torch", grid))
+        rows.append(("gptq-w4", seconds, result.loss))
         for path, seconds, loss in rows:
-            speedup = f"{base / seconds:9.1f}x" if base else "-"
+            speedup = f"{base / seconds:9.1f}x" if base and path != "gptq-w4" else "-"
             print(f"{label:>14} {f'{out}x{in_}':>13} {path:>8} {seconds:9.3f} {loss:12.6g} {speedup:>10}")
         gemm, _ = timed(device, trailing_gemms, W, H)
-        share = gemm / rows[-1][1]
-        print(f"{label:>14} {f'{out}x{in_}':>13} {'GEMMs':>8} {gemm:9.3f} {'':>12} {share:9.0%} of {rows[-1][0]}")
+        share = gemm / rows[-2][1]
+        print(f"{label:>14} {f'{out}x{in_}':>13} {'GEMMs':>8} {gemm:9.3f} {'':>12} {share:9.0%} of {rows[-2][0]}")
 
 
 if __name__ == "__main__":

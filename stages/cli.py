@@ -224,11 +224,12 @@ def hessians_merge(params_path: Path, out: Path, stores: tuple[Path, ...]) -> No
 @click.option(
     "--calib", type=click.Path(path_type=Path), help="Calibration Parquet to walk (prune.calibration: sequential)."
 )
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Pruned model directory to write.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Compressed model directory to write.")
 @TIMINGS_OPTION
 def prune(params_path: Path, store: Path | None, calib: Path | None, out: Path, timings: Path | None) -> None:
-    """Prune the dense model with ``pruner`` at ``sparsity``: on cached Hessians (dense calibration), or walking
-    the layers of the model pruned so far (sequential)."""
+    """Prune (and with ``quant.bits``, quantize) the dense model with ``pruner`` at ``sparsity``: on cached Hessians
+    (dense calibration), or walking the layers of the model compressed so far (sequential); written as
+    ``prune.export`` (hf or compressed-tensors)."""
     from stages import prune as stage
 
     p = _params(params_path)
