@@ -261,3 +261,21 @@ def test_group_size_that_does_not_divide_a_layer_is_one_line(
     )
     assert_bad_input(result, "layer 0 self_attn.q_proj", "quant.group_size=48 does not divide the layer's 64 inputs")
     assert not out.exists()
+
+
+@pytest.mark.gpu
+def test_fp8_and_w4a16_evaluate_on_a_gpu(
+    tmp_path: Path, tiny_model_dir: Path, params_file: Callable[..., Path], store: tuple[Path, Path]
+) -> None:
+    """CUDA vLLM: the embedded reasoner still solves sums with FP8 weights, and serves a W4A16 export."""
+    embedded = Path(__file__).parents[1] / "data" / "embedded"
+    p = load_params(params_file(embedded, {"vllm": {"dtype": "bfloat16"}}))
+    prompts = [[1, *range(10 + k, 20 + k)] for k in range(8)]
+    greedy = dataclasses.replace(p.evaluate, backend="vllm", temperature=0.0, max_new_tokens=32)
+    fp8 = dataclasses.replace(p.vllm, options={"quantization": "fp8"})
+    dense = [g.token_ids for (g,) in generate(str(embedded), prompts, greedy, 1, p.vllm)]
+    cast = [g.token_ids for (g,) in generate(str(embedded), prompts, greedy, 1, fp8)]
+    assert sum(a[:8] == b[:8] for a, b in zip(dense, cast, strict=True)) >= 6
+    ct = _pruned(params_file, tiny_model_dir, store, tmp_path / "ct", **GPTQ4, prune={"export": "compressed-tensors"})
+    tiny = load_params(params_file(tiny_model_dir, {"vllm": {"dtype": "bfloat16"}}))
+    assert all(len(g.token_ids) > 0 for (g,) in generate(str(ct), prompts, greedy, 1, tiny.vllm))
