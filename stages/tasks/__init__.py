@@ -138,6 +138,7 @@ def get_task(name: str, benchmarks: dict[str, BenchmarkSpec]) -> Task:
 
 
 __all__ = [
+    "ANSWER_VERDICTS",
     "Benchmark",
     "BenchmarkSpec",
     "Problem",
