@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from stages import evaluate
+from stages import calibrate, evaluate, rollout
 from stages.errors import RacError
 from stages.params import load_params
 from stages.sandbox import Limits
-from stages.schemas import SAMPLES, read_parquet
+from stages.schemas import CALIBRATION, SAMPLES, TRACES, read_parquet
 from stages.tasks import get_task
 from stages.tasks.answers import last_code_block
 from stages.tasks.base import BenchmarkSpec
@@ -161,3 +161,33 @@ def test_evaluate_records_verdicts_and_isolation(
     table, _ = read_parquet(tmp_path / "e" / "samples.parquet", SAMPLES, "samples")
     assert table["verdict"].to_pylist() == ["no_code"] * 3
     assert timings["grading_seconds"] >= 0
+
+
+def test_rac_calibrates_on_code_traces(tmp_path: Path, tiny_model_dir: Path, params_file: Callable[..., Path]) -> None:
+    """calib_task may be a code benchmark: its rollouts are graded in the sandbox and become a RAC calibration set."""
+    overrides = {
+        "calib_task": "easy",
+        "benchmarks": {
+            "easy": {
+                "kind": "code",
+                "path": str(EASY),
+                "split": "test",
+                "instruction": "",
+                "extractor": "last_code_block",
+                "pattern": None,
+            }
+        },
+        "rollout": {"backend": "hf", "n_prompts": 4, "max_new_tokens": 16},
+        "calibrate": {"budget_tokens": 1200},  # two traces: the prompts are ~590 characters, one token each
+    }
+    p = load_params(params_file(tiny_model_dir, overrides))
+    traces, calib = tmp_path / "traces.parquet", tmp_path / "rac.parquet"
+    rollout.run(p, traces, str(tiny_model_dir))
+    table, meta = read_parquet(traces, TRACES, "traces")
+    assert table.num_rows == 4 and meta["task"] == "easy"
+    assert table["correct"].to_pylist() == [False] * 4  # an untrained model writes no program
+    assert all(a.startswith("tests sha256:") for a in table["answer"].to_pylist())
+    calibrate.run(p, "rac", traces, calib)
+    rows, _ = read_parquet(calib, CALIBRATION, "calibration")
+    segments = rows["segment"].to_pylist()
+    assert sum(map(len, segments)) == 1200 and sum(s.count(1) for s in segments) > 0  # the decode tokens are in
