@@ -179,3 +179,20 @@ def test_hostile_programs_graded_in_parallel_do_not_stall_the_others() -> None:
         verdicts = [j.verdict for j in pool.map(lambda c: judge(c, SUM, LIMITS), programs)]
     assert verdicts == ["timeout", "passed", "limit", "passed"]
     assert time.monotonic() - start < 2 * LIMITS.wall_seconds + 10
+
+
+def test_the_user_namespace_mode_isolates_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mode of a user without root (tried here as root, which may create user namespaces as well): the same
+    jail, minus a uid of its own."""
+    user_ns = sandbox.CLONE_NEWUSER | sandbox.CLONE_NEWPID | sandbox.CLONE_NEWNET | sandbox.CLONE_NEWNS
+    monkeypatch.setattr(sandbox, "_FLAGS", [user_ns])
+    try:
+        outcome = sandbox.run("import os\nprint(sorted(os.listdir('/')))\n", "", LIMITS)
+    except OSError as err:
+        pytest.skip(f"this kernel refuses user namespaces: {err}")
+    assert sandbox.isolation() == "user-namespaces"
+    assert "'work'" in outcome.stdout.decode() and "'home'" not in outcome.stdout.decode()
+    net = sandbox.run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n", "", LIMITS)
+    assert b"Network is unreachable" in net.stderr
+    assert judge(CORRECT, SUM, LIMITS).verdict == "passed"
+    assert judge("while True:\n    pass\n", SUM, LIMITS).verdict == "timeout"
