@@ -27,16 +27,6 @@ from stages.tasks.code import PRELUDE, judge
 ROOT = Path(__file__).resolve().parents[1]
 EASY = ROOT / "tests" / "fixtures" / "code_easy.jsonl"
 LIMITS = Limits(wall_seconds=6, cpu_seconds=6, memory_mb=2048, processes=64, file_mb=32)
-SOLUTIONS = {
-    "Sum of two": "a, b = map(int, input().split())\nprint(a + b)",
-    "Reverse": "print(input().strip()[::-1])",
-    "Count vowels": "print(sum(c in 'aeiou' for c in input()))",
-    "Maximum": "input()\nprint(max(map(int, input().split())))",
-    "Squares": "for i in range(1, int(input()) + 1):\n    print(i * i)",
-    "Add two numbers": "class Solution:\n    def addTwo(self, a, b):\n        return a + b",
-    "Palindrome": "class Solution:\n    def isPalindrome(self, s):\n        return s == s[::-1]",
-    "Sorted copy": "class Solution:\n    def sortList(self, nums):\n        return sorted(nums)",
-}
 HOSTILE = {
     "infinite loop": "while True:\n    pass\n",
     "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
@@ -68,7 +58,8 @@ def main() -> None:
     problems = task.problems(task.size, 0)
     titles = [next(t for q, t in by_text.items() if q in p.text) for p in problems]
     answers = [p.answer for p in problems]
-    correct = [SOLUTIONS[t] for t in titles]
+    solutions = {r["question_title"]: r["reference_solution"] for r in rows}
+    correct = [solutions[t] for t in titles]
     wrong = correct[1:] + correct[:1]  # each problem graded with another's program
     print("| programs | workers | programs | test runs | seconds | programs/s | test runs/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -80,7 +71,7 @@ def main() -> None:
             print(f"| {label} | {workers} | {n} | {runs} | {seconds:.1f} | {n / seconds:.2f} | {runs / seconds:.2f} |")
     with tempfile.TemporaryDirectory() as tmp:
         main_py = Path(tmp) / "main.py"
-        main_py.write_text(PRELUDE + SOLUTIONS["Sum of two"])
+        main_py.write_text(PRELUDE + solutions["Sum of two"])
         n = 20
         start = time.perf_counter()
         for _ in range(n):
@@ -88,7 +79,7 @@ def main() -> None:
         bare = (time.perf_counter() - start) / n
     start = time.perf_counter()
     for _ in range(n):
-        sandbox.run(PRELUDE + SOLUTIONS["Sum of two"], "2 3\n", LIMITS)
+        sandbox.run(PRELUDE + solutions["Sum of two"], "2 3\n", LIMITS)
     jailed = (time.perf_counter() - start) / n
     print(f"\none run: bare python -I {bare * 1000:.0f} ms, in the jail {jailed * 1000:.0f} ms ({jailed / bare:.2f}x)")
     for name, program in HOSTILE.items():

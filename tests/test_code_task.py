@@ -23,18 +23,17 @@ from stages.tasks.code import VERDICTS, CodeFile, decode_tests, prompt_body
 FIXTURES = Path(__file__).parent / "fixtures"
 EASY = FIXTURES / "code_easy.jsonl"
 LIMITS = Limits(wall_seconds=6, cpu_seconds=6, memory_mb=1024, processes=32, file_mb=8)
-# A correct program for each problem of code_easy.jsonl, by title.
-SOLUTIONS = {
-    "Sum of two": "a, b = map(int, input().split())\nprint(a + b)",
-    "Reverse": "print(input().strip()[::-1])",
-    "Count vowels": "print(sum(c in 'aeiou' for c in input()))",
-    "Maximum": "input()\nprint(max(map(int, input().split())))",
-    "Squares": "for i in range(1, int(input()) + 1):\n    print(i * i)",
-    "Add two numbers": "class Solution:\n    def addTwo(self, a: int, b: int) -> int:\n        return a + b",
-    "Palindrome": "class Solution:\n    def isPalindrome(self, s: str) -> bool:\n        return s == s[::-1]",
-    # List comes from the names LiveCodeBench's harness preloads (typing's).
-    "Sorted copy": "class Solution:\n    def sortList(self, nums: List[int]) -> List[int]:\n"
-    "        return sorted(nums)",
+# Each problem of code_easy.jsonl carries a correct program (a field LiveCodeBench rows lack; the reader ignores it).
+SOLUTIONS = {r["question_title"]: r["reference_solution"] for r in map(json.loads, EASY.read_text().splitlines())}
+EASY_BENCHMARK = {
+    "easy": {
+        "kind": "code",
+        "path": str(EASY),
+        "split": "test",
+        "instruction": "",
+        "extractor": "last_code_block",
+        "pattern": None,
+    }
 }
 
 
@@ -141,16 +140,7 @@ def test_evaluate_records_verdicts_and_isolation(
     """An untrained tiny model writes no program: every sample is no_code, counted in metrics.json."""
     overrides = {
         "task": "easy",
-        "benchmarks": {
-            "easy": {
-                "kind": "code",
-                "path": str(EASY),
-                "split": "test",
-                "instruction": "",
-                "extractor": "last_code_block",
-                "pattern": None,
-            }
-        },
+        "benchmarks": EASY_BENCHMARK,
         "evaluate": {"backend": "hf", "n_problems": 3, "max_new_tokens": 8},
     }
     p = load_params(params_file(tiny_model_dir, overrides))
@@ -167,16 +157,7 @@ def test_rac_calibrates_on_code_traces(tmp_path: Path, tiny_model_dir: Path, par
     """calib_task may be a code benchmark: its rollouts are graded in the sandbox and become a RAC calibration set."""
     overrides = {
         "calib_task": "easy",
-        "benchmarks": {
-            "easy": {
-                "kind": "code",
-                "path": str(EASY),
-                "split": "test",
-                "instruction": "",
-                "extractor": "last_code_block",
-                "pattern": None,
-            }
-        },
+        "benchmarks": EASY_BENCHMARK,
         "rollout": {"backend": "hf", "n_prompts": 4, "max_new_tokens": 16},
         "calibrate": {"budget_tokens": 1200},  # two traces: the prompts are ~590 characters, one token each
     }
