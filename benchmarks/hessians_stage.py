@@ -8,9 +8,10 @@
    are over 3× the activation budget given: the layer walk against the full-model path.
 3. ``dvc push`` and ``dvc pull`` of the store to a local-directory remote: seconds and file count.
 
-    python benchmarks/hessians_stage.py
+    python benchmarks/hessians_stage.py                  # all three; --parts 2 3 --skip-old-rss for the walk alone
 """
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -149,7 +150,7 @@ print([line.split()[1] for line in open('/proc/self/status') if line.startswith(
 """
 
 
-def peak_rss(model_dir: Path, weight_bytes: int, calib: Path, work: Path) -> Path:
+def peak_rss(model_dir: Path, weight_bytes: int, calib: Path, work: Path, old: bool) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     budget_gb = weight_bytes / 2**30 / 4  # the weights are 4x the activation budget
     params["model"] = str(model_dir)
@@ -187,6 +188,8 @@ def peak_rss(model_dir: Path, weight_bytes: int, calib: Path, work: Path) -> Pat
         ],
     }
     for label, cmd in runs.items():
+        if not old and label.startswith("full model"):
+            continue
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
         if proc.returncode:
@@ -226,6 +229,12 @@ def dvc_transfer(store: Path, work: Path) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3], help="which to run")
+    parser.add_argument(
+        "--skip-old-rss", action="store_true", help="part 2 without the full-model path (its windows re-run layers)"
+    )
+    args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,11 +248,14 @@ def main() -> None:
             for i, (x, s) in enumerate(zip(ids, segs, strict=True))
         ]
         write_parquet(rows, CALIBRATION, calib, {"source": "rac"})
-        make_model(work / "timed", TIMED["hidden"], TIMED["intermediate"], TIMED["layers"])
-        overhead(work / "timed", ids, segs, work)
-        weight_bytes = make_model(work / "big", BIG["hidden"], BIG["intermediate"], BIG["layers"])
-        store = peak_rss(work / "big", weight_bytes, calib, work)
-        dvc_transfer(store, work)
+        if 1 in args.parts:
+            make_model(work / "timed", TIMED["hidden"], TIMED["intermediate"], TIMED["layers"])
+            overhead(work / "timed", ids, segs, work)
+        if 2 in args.parts or 3 in args.parts:
+            weight_bytes = make_model(work / "big", BIG["hidden"], BIG["intermediate"], BIG["layers"])
+            store = peak_rss(work / "big", weight_bytes, calib, work, old=not args.skip_old_rss)
+            if 3 in args.parts:
+                dvc_transfer(store, work)
     print(f"load at the end {os.getloadavg()}")
 
 
