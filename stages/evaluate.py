@@ -11,12 +11,14 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from stages.generation import generate
 from stages.models import check_chat_template, encode_prompt, load_tokenizer
 from stages.params import Params
+from stages.sandbox import isolation
 from stages.schemas import SAMPLES, atomic_path, generation_columns, write_parquet
 from stages.tasks import get_task, normalized
 
@@ -29,14 +31,19 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def metrics(
-    correct: list[list[bool]], lengths: list[int], hit_max: list[bool], parseable: list[bool]
-) -> dict[str, float]:
+    correct: list[list[bool]],
+    lengths: list[int],
+    hit_max: list[bool],
+    parseable: list[bool],
+    verdicts: list[str],
+    names: tuple[str, ...],
+) -> dict[str, Any]:
     """Accuracy (acc@1 averaged over each problem's samples) ± its standard error over problems, pass@k for
     k = 1, 2, 4, … up to the samples per problem, CoT length statistics, the rambling fraction, and the fraction
     of completions whose answer the benchmark's extractor can read (0 says: the model answers in another format).
 
-    ``correct`` holds one list of samples per problem; ``lengths``, ``hit_max`` and ``parseable`` one entry per
-    sample.
+    ``correct`` holds one list of samples per problem; ``lengths``, ``hit_max``, ``parseable`` and ``verdicts``
+    (each one of ``names``) one entry per sample.
     """
     n_samples = len(correct[0])
     per_problem = np.array([np.mean(c) for c in correct])  # [problems]
@@ -52,6 +59,7 @@ def metrics(
         "frac_parseable": sum(parseable) / len(parseable),
         "n_problems": len(correct),
         "samples_per_problem": n_samples,
+        "verdicts": {name: verdicts.count(name) for name in names},
     }
 
 
@@ -63,7 +71,8 @@ def held_out_texts(p: Params) -> set[str]:
 
 def run(p: Params, model: str, out: Path) -> dict[str, float]:
     """Sample ``evaluate.samples_per_problem`` completions on each of ``evaluate.n_problems`` held-out problems
-    with ``model``, grade them, and write ``out``; return the generation's wall seconds and tokens/s."""
+    with ``model``, grade them, and write ``out``; return the generation's wall seconds and tokens/s, and the
+    grading's seconds (a code benchmark runs every program)."""
     task, s = get_task(p.task, p.benchmarks), p.evaluate
     tokenizer = load_tokenizer(model)
     check_chat_template(tokenizer, model, p.chat.require_template)
@@ -75,28 +84,43 @@ def run(p: Params, model: str, out: Path) -> dict[str, float]:
         engine = dataclasses.replace(engine, options={**engine.options, "quantization": s.quantization})
     generations = generate(model, prompts, s, s.samples_per_problem, engine)
     wall_s = time.perf_counter() - start
-    rows = []
-    for problem_id, (problem, prompt_ids, samples) in enumerate(zip(problems, prompts, generations, strict=True)):
-        for sample_idx, g in enumerate(samples):
-            completion = tokenizer.decode(g.token_ids, skip_special_tokens=True)
-            rows.append(
-                {
-                    "problem_id": problem_id,
-                    "sample_idx": sample_idx,
-                    **generation_columns(
-                        problem.prompt, completion, prompt_ids, g.token_ids, g.finish_reason, problem.answer
-                    ),
-                    "extracted": task.extract_answer(completion),
-                    "correct": task.is_correct(completion, problem.answer),
-                }
-            )
+    flat = [
+        (problem, prompt_ids, g)
+        for problem, prompt_ids, samples in zip(problems, prompts, generations, strict=True)
+        for g in samples
+    ]
+    completions = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for _, _, g in flat]
+    start = time.perf_counter()
+    verdicts = task.verdicts(completions, [pr.answer for pr, _, _ in flat], p.sandbox.limits, p.sandbox.workers)
+    grading_s = time.perf_counter() - start
     k = s.samples_per_problem
+    rows = [
+        {
+            "problem_id": i // k,
+            "sample_idx": i % k,
+            **generation_columns(
+                problem.prompt, completion, prompt_ids, g.token_ids, g.finish_reason, task.answer_text(problem.answer)
+            ),
+            "extracted": task.extract_answer(completion),
+            "correct": verdict == "passed",
+            "verdict": verdict,
+        }
+        for i, ((problem, prompt_ids, g), completion, verdict) in enumerate(
+            zip(flat, completions, verdicts, strict=True)
+        )
+    ]
     result = metrics(
         [[r["correct"] for r in rows[i : i + k]] for i in range(0, len(rows), k)],
         [r["n_completion_tokens"] for r in rows],
         [r["finish_reason"] == "length" for r in rows],
         [r["extracted"] is not None for r in rows],
+        verdicts,
+        task.verdict_names,
     )
+    if task.sandboxed:
+        result["sandbox_isolation"] = isolation()
+        if result["sandbox_isolation"] == "none":
+            log.warning("the sandbox has no namespaces here: programs could reach the network and other files")
     write_parquet(rows, SAMPLES, out / "samples.parquet", {"model": model, "task": p.task, "seed": s.seed})
     with atomic_path(out / "metrics.json") as tmp:  # last, so metrics never describe stale samples
         tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -108,4 +132,4 @@ def run(p: Params, model: str, out: Path) -> dict[str, float]:
         result["frac_parseable"],
     )
     n_generated = sum(r["n_completion_tokens"] for r in rows)
-    return {"wall_seconds": wall_s, "tokens_per_second": n_generated / wall_s}
+    return {"wall_seconds": wall_s, "tokens_per_second": n_generated / wall_s, "grading_seconds": grading_s}

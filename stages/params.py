@@ -16,6 +16,7 @@ from ruamel.yaml import YAML, YAMLError
 from stages.errors import RacError
 from stages.export import EXPORTS, check_export
 from stages.models import check_model_dir, looks_local, model_ref
+from stages.sandbox import Limits
 from stages.schemas import SEGMENT_IDS, SOURCES, atomic_path
 from stages.selection import SCOPES, check_layers
 from stages.solvers import KERNELS, QUANT_BITS, Options, QuantSpec, check_solver, parse_pattern
@@ -300,6 +301,27 @@ class QuantParams:
 
 
 @dataclass(frozen=True)
+class SandboxParams:
+    """How the programs of a code benchmark run when they are graded (stages/sandbox.py)."""
+
+    wall_seconds: float
+    cpu_seconds: int
+    memory_mb: int
+    processes: int
+    file_mb: int
+    workers: int
+
+    def check(self) -> None:
+        for name in ("wall_seconds", "cpu_seconds", "memory_mb", "processes", "file_mb", "workers"):
+            _positive(f"sandbox.{name}", getattr(self, name))
+
+    @property
+    def limits(self) -> Limits:
+        """What each program may use."""
+        return Limits(self.wall_seconds, self.cpu_seconds, self.memory_mb, self.processes, self.file_mb)
+
+
+@dataclass(frozen=True)
 class ChatParams:
     """How a problem becomes a chat prompt."""
 
@@ -361,6 +383,7 @@ class Params:
     quant: QuantParams
     evaluate: EvaluateParams
     analyze: AnalyzeParams
+    sandbox: SandboxParams
 
     @property
     def dense(self) -> str:
@@ -446,6 +469,7 @@ _SECTIONS = {
     "quant": QuantParams,
     "evaluate": EvaluateParams,
     "analyze": AnalyzeParams,
+    "sandbox": SandboxParams,
 }
 
 

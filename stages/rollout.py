@@ -29,22 +29,28 @@ def run(p: Params, out: Path, model: str) -> None:
     problems = calibration_problems(task, s.n_prompts, s.seed, held_out_texts(p), p.allow_overlap)
     prompts = [encode_prompt(tokenizer, pr.prompt, p.chat.system_prompt) for pr in problems]
     generations = generate(model, prompts, s, s.samples_per_prompt, p.vllm)
-    rows = []
-    for prompt_id, (problem, prompt_ids, samples) in enumerate(zip(problems, prompts, generations, strict=True)):
-        for sample_idx, g in enumerate(samples):
-            completion = tokenizer.decode(g.token_ids, skip_special_tokens=True)
-            rows.append(
-                {
-                    "prompt_id": prompt_id,
-                    "sample_idx": sample_idx,
-                    "prompt_token_ids": prompt_ids,
-                    "completion_token_ids": g.token_ids,
-                    **generation_columns(
-                        problem.prompt, completion, prompt_ids, g.token_ids, g.finish_reason, problem.answer
-                    ),
-                    "correct": task.is_correct(completion, problem.answer),
-                }
-            )
+    flat = [
+        (i, j, problem, prompt_ids, g)
+        for i, (problem, prompt_ids, samples) in enumerate(zip(problems, prompts, generations, strict=True))
+        for j, g in enumerate(samples)
+    ]
+    completions = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for *_, g in flat]
+    verdicts = task.verdicts(completions, [pr.answer for _, _, pr, _, _ in flat], p.sandbox.limits, p.sandbox.workers)
+    rows = [
+        {
+            "prompt_id": prompt_id,
+            "sample_idx": sample_idx,
+            "prompt_token_ids": prompt_ids,
+            "completion_token_ids": g.token_ids,
+            **generation_columns(
+                problem.prompt, completion, prompt_ids, g.token_ids, g.finish_reason, task.answer_text(problem.answer)
+            ),
+            "correct": verdict == "passed",
+        }
+        for (prompt_id, sample_idx, problem, prompt_ids, g), completion, verdict in zip(
+            flat, completions, verdicts, strict=True
+        )
+    ]
     n_tokens = sum(r["n_prompt_tokens"] + r["n_completion_tokens"] for r in rows)
     n_correct = sum(r["correct"] for r in rows)
     log.info("rollout: %d traces (%d correct), %d tokens", len(rows), n_correct, n_tokens)

@@ -76,6 +76,7 @@ SAMPLES = pa.schema(
         *_GENERATION,
         ("extracted", pa.string()),
         ("correct", pa.bool_()),
+        ("verdict", pa.string()),  # passed | wrong_answer | no_answer; code: runtime_error, timeout, limit, no_code too
     ]
 )
 

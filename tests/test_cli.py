@@ -234,7 +234,7 @@ def _jsonl(path: Path, rows: list[dict[str, str]]) -> str:
         ("missing_file", ["benchmark path", "nope.jsonl", "does not exist"]),
         ("wrong_fields", ["row 0 lacks fields ['problem', 'answer']", "expected fields: problem, answer"]),
         ("unknown_benchmark", ["task='gsm8k' is not in benchmarks", "math500"]),
-        ("unknown_kind", ["benchmarks.math500.kind='code' is unknown", "word_arithmetic"]),
+        ("unknown_kind", ["benchmarks.math500.kind='prose' is unknown", "word_arithmetic"]),
         ("bad_regex", ["benchmarks.math500.pattern='Answer: (' does not compile", "fix the regular expression"]),
         ("unknown_vllm_option", ["vllm.options ['tensor_paralel_size'] are not vLLM engine arguments"]),
         ("gpu_only_on_cpu", ["vllm.tensor_parallel_size=2 needs CUDA GPUs and this machine has none"]),
@@ -255,7 +255,7 @@ def test_evaluate_bad_benchmark_input(
             "benchmarks": {"math500": {"path": _jsonl(in_tmp / "q.jsonl", [{"question": "q"}])}},
         },
         "unknown_benchmark": {"task": "gsm8k"},
-        "unknown_kind": {"task": "math500", "benchmarks": {"math500": {"path": good, "kind": "code"}}},
+        "unknown_kind": {"task": "math500", "benchmarks": {"math500": {"path": good, "kind": "prose"}}},
         "bad_regex": {
             "task": "math500",
             "benchmarks": {"math500": {"path": good, "extractor": "regex", "pattern": "Answer: ("}},

@@ -10,6 +10,7 @@ import pytest
 
 from stages import evaluate
 from stages.params import load_params
+from stages.tasks import ANSWER_VERDICTS
 from tests.conftest import SHIPPED_PARAMS
 
 INSTRUCTION = load_params(SHIPPED_PARAMS).benchmarks["math500"].instruction
@@ -31,7 +32,8 @@ def test_metrics_average_over_samples_and_problems() -> None:
     correct = [[True, False, False, False], [True, True, True, True]]
     lengths = [10, 20, 30, 40, 50, 60, 70, 100]
     hit_max = [False] * 7 + [True]
-    m = evaluate.metrics(correct, lengths, hit_max, [True] * 6 + [False] * 2)
+    verdicts = ["passed", "no_answer", "wrong_answer", "no_answer", *["passed"] * 4]
+    m = evaluate.metrics(correct, lengths, hit_max, [True] * 6 + [False] * 2, verdicts, ANSWER_VERDICTS)
     assert m["accuracy"] == pytest.approx(0.625)  # (1/4 + 4/4) / 2
     assert m["accuracy_se"] == pytest.approx(0.375 / math.sqrt(2))  # spread of per-problem means over 2 problems
     assert (m["pass@1"], m["pass@2"], m["pass@4"]) == pytest.approx((0.625, 0.75, 1.0))
@@ -42,16 +44,19 @@ def test_metrics_average_over_samples_and_problems() -> None:
     assert m["frac_parseable"] == 6 / 8
     assert not {"wall_seconds", "tokens_per_second"} & m.keys()  # volatile: in the timings, not the metrics
     assert (m["n_problems"], m["samples_per_problem"]) == (2, 4)
+    assert m["verdicts"] == {"passed": 5, "wrong_answer": 1, "no_answer": 2}
 
 
 def test_metrics_one_sample_is_binomial() -> None:
-    m = evaluate.metrics([[True], [False], [True], [True]], [5, 5, 5, 5], [False] * 4, [True] * 4)
+    verdicts = ["passed", "wrong_answer", "passed", "passed"]
+    m = evaluate.metrics([[True], [False], [True], [True]], [5] * 4, [False] * 4, [True] * 4, verdicts, ANSWER_VERDICTS)
     assert m["accuracy"] == m["pass@1"] == 0.75
     assert m["accuracy_se"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
 
 
 def test_pass_at_k_for_three_samples() -> None:
-    m = evaluate.metrics([[True, False, False]], [1, 1, 1], [False] * 3, [True] * 3)
+    verdicts = ["passed", "wrong_answer", "wrong_answer"]
+    m = evaluate.metrics([[True, False, False]], [1, 1, 1], [False] * 3, [True] * 3, verdicts, ANSWER_VERDICTS)
     assert [k for k in m if k.startswith("pass@")] == ["pass@1", "pass@2", "pass@3"]
 
 

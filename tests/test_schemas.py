@@ -62,6 +62,7 @@ SAMPLE_ROWS = [
         "answer": "46",
         "extracted": "46",
         "correct": True,
+        "verdict": "passed",
     },
     {
         "problem_id": 4,
@@ -74,6 +75,7 @@ SAMPLE_ROWS = [
         "answer": "2",
         "extracted": None,
         "correct": False,
+        "verdict": "no_answer",
     },
 ]
 

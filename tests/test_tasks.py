@@ -156,7 +156,7 @@ def test_extractors(name: str, pattern: str | None, text: str, expected: str | N
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"kind": "code"}, r"benchmarks.arithmetic.kind='code' is unknown; choose one of \['arithmetic', 'math'"),
+        ({"kind": "prose"}, r"benchmarks.arithmetic.kind='prose' is unknown; choose one of \['arithmetic', 'code'"),
         (
             {"extractor": "regex", "pattern": "Answer: (\\w+"},
             r"benchmarks.arithmetic.pattern='Answer: \(\\\\w\+' does not compile \(missing \), unterminated subpattern",

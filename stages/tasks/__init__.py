@@ -1,13 +1,17 @@
 """Benchmarks by name: params ``benchmarks`` maps any name to a kind, a path, an instruction and an answer
-extractor. Kinds: the embedded generators ``arithmetic`` and ``word_arithmetic``, and ``math`` (a local
-.jsonl/.parquet file or a hub dataset)."""
+extractor. Kinds: the embedded generators ``arithmetic`` and ``word_arithmetic``, ``math`` (a local
+.jsonl/.parquet file or a hub dataset) and ``code`` (LiveCodeBench's format, graded in the sandbox)."""
 
+import hashlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from stages.errors import RacError
+from stages.sandbox import Limits
 from stages.tasks.answers import extractor
 from stages.tasks.arithmetic import Arithmetic
 from stages.tasks.base import BenchmarkSpec, Problem, Source, Task
+from stages.tasks.code import VERDICTS, CodeFile, Judgement, judge
 from stages.tasks.math_benchmarks import MathFile
 from stages.tasks.word_arithmetic import WordArithmetic
 
@@ -16,8 +20,11 @@ KINDS: dict[str, Callable[[BenchmarkSpec], Source]] = {
     "arithmetic": lambda _spec: Arithmetic(),
     "word_arithmetic": lambda _spec: WordArithmetic(),
     "math": lambda spec: MathFile(str(spec.path), spec.split),
+    "code": lambda spec: CodeFile(str(spec.path), spec.split),
 }
-FILE_KINDS = ("math",)
+FILE_KINDS = ("math", "code")
+# Verdicts of a benchmark graded on its extracted answer: "no_code" is a code program's "no_answer".
+ANSWER_VERDICTS = ("passed", "wrong_answer", "no_answer")
 
 
 class Benchmark:
@@ -42,9 +49,39 @@ class Benchmark:
         return self._extract(completion)
 
     def is_correct(self, completion: str, answer: str) -> bool:
-        """Whether the extracted answer equals the gold ``answer`` by the kind's comparison."""
+        """Whether the extracted answer equals the gold ``answer`` by the kind's comparison (not for code, whose
+        programs run in the sandbox: ``verdicts``)."""
         predicted = self.extract_answer(completion)
         return predicted is not None and self._source.grade(predicted, answer)
+
+    @property
+    def sandboxed(self) -> bool:
+        """Whether grading runs the completions' programs (in the sandbox)."""
+        return self.spec.kind == "code"
+
+    def answer_text(self, answer: str) -> str:
+        """The gold answer as the samples record it: a code problem's tests by their digest (they can be MBs)."""
+        return f"tests sha256:{hashlib.sha256(answer.encode()).hexdigest()[:16]}" if self.sandboxed else answer
+
+    @property
+    def verdict_names(self) -> tuple[str, ...]:
+        """The verdicts ``verdicts`` gives, in the order the metrics list them."""
+        return VERDICTS if self.sandboxed else ANSWER_VERDICTS
+
+    def verdicts(self, completions: list[str], answers: list[str], limits: Limits, workers: int) -> list[str]:
+        """The verdict of each completion: passed, wrong_answer or no_answer; for code, what its program did in the
+        sandbox (``workers`` programs at a time, each within ``limits``)."""
+        if not self.sandboxed:
+            return [
+                "no_answer" if self.extract_answer(c) is None else "passed" if self.is_correct(c, a) else "wrong_answer"
+                for c, a in zip(completions, answers, strict=True)
+            ]
+
+        def one(pair: tuple[str, str]) -> Judgement:
+            return judge(self.extract_answer(pair[0]), pair[1], limits)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return [j.verdict for j in pool.map(one, zip(completions, answers, strict=True))]
 
 
 def normalized(text: str) -> str:
@@ -101,6 +138,7 @@ def get_task(name: str, benchmarks: dict[str, BenchmarkSpec]) -> Task:
 
 
 __all__ = [
+    "ANSWER_VERDICTS",
     "Benchmark",
     "BenchmarkSpec",
     "Problem",

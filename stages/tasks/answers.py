@@ -4,6 +4,7 @@
 - ``hashes``: the number after a final ``#### `` that ends the completion (GSM8K's format, the embedded task's).
 - ``last_number``: the last number written anywhere (thousands commas dropped).
 - ``regex``: the first group (or the whole match) of the last match of the benchmark's ``pattern``.
+- ``last_code_block``: the lines between the last two lines holding a ``` fence (LiveCodeBench's rule).
 """
 
 import re
@@ -69,7 +70,21 @@ def _by_regex(pattern: re.Pattern[str]) -> Callable[[str], str | None]:
     return extract
 
 
-FIXED: dict[str, Callable[[str], str | None]] = {"boxed": last_boxed, "hashes": _hashes, "last_number": _last_number}
+def last_code_block(text: str) -> str | None:
+    """The lines between the last two lines that hold a fence, whatever their language tag; None with fewer."""
+    lines = text.split("\n")
+    fences = [i for i, line in enumerate(lines) if "```" in line]
+    if len(fences) < 2:
+        return None
+    return "\n".join(lines[fences[-2] + 1 : fences[-1]])
+
+
+FIXED: dict[str, Callable[[str], str | None]] = {
+    "boxed": last_boxed,
+    "hashes": _hashes,
+    "last_number": _last_number,
+    "last_code_block": last_code_block,
+}
 EXTRACTORS = (*FIXED, "regex")
 
 

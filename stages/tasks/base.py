@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from stages.sandbox import Limits
+
 
 class Item(NamedTuple):
     """A problem as its source holds it: text, reference chain of thought (may be empty), gold answer."""
@@ -42,8 +44,8 @@ class Problem:
 class BenchmarkSpec:
     """One entry of params ``benchmarks``: where the problems come from, and how an answer is asked for and read."""
 
-    kind: str  # arithmetic | word_arithmetic (embedded generators) | math (a file or hub dataset)
-    path: str | None  # math: a local .jsonl/.parquet or a hub id; generators: null
+    kind: str  # arithmetic | word_arithmetic (embedded generators) | math | code (a file or hub dataset)
+    path: str | None  # math, code: a local .jsonl/.parquet or a hub id; generators: null
     split: str  # the split read when ``path`` is a hub id
     instruction: str  # appended to each problem on its own line; "" for none
     extractor: str  # boxed | hashes | last_number | regex (stages/tasks/answers.py)
@@ -67,4 +69,22 @@ class Task(Protocol):
 
     def is_correct(self, completion: str, answer: str) -> bool:
         """Whether the answer extracted from ``completion`` equals the gold ``answer``."""
+        ...
+
+    @property
+    def sandboxed(self) -> bool:
+        """Whether grading runs the completions' programs."""
+        ...
+
+    @property
+    def verdict_names(self) -> tuple[str, ...]:
+        """The verdicts ``verdicts`` gives."""
+        ...
+
+    def answer_text(self, answer: str) -> str:
+        """The gold answer as samples and traces record it."""
+        ...
+
+    def verdicts(self, completions: list[str], answers: list[str], limits: Limits, workers: int) -> list[str]:
+        """The verdict of each completion against its gold answer."""
         ...
