@@ -44,7 +44,7 @@ from stages.models import LinearGroup, compute_device, fingerprint, load_tokeniz
 from stages.params import Params, in_params_terms
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
 from stages.selection import in_scope, layer_sparsities, selected_layers
-from stages.solvers import Quantized, hessian_from_sums, mixed_count, solve
+from stages.solvers import Compressed, Quantized, hessian_from_sums, mixed_count, solve_group
 from stages.solvers.masks import layer_pattern
 from stages.solvers.quant import check_spec
 from stages.store import HessianStore
@@ -114,23 +114,26 @@ def _compressed_layer(
     quantized: dict[str, Quantized] = {}
     seconds = 0.0
     for group in groups:
-        chosen = {m: in_scope(m, p.prune.scope) and (target > 0 or quantize) for m in group.members}
-        H = H_of(group) if any(chosen.values()) else None  # [in, in]
-        for member in group.members:
-            linear = layer.get_submodule(member)
-            goal = target if chosen[member] else 0.0
-            row = {"layer": i, "module": member, "shape": list(linear.weight.shape), "target": goal}
-            if H is None or not chosen[member]:
-                sparsity = float((linear.weight == 0).float().mean())
-                rows.append(row | {"loss": 0.0, "sparsity": sparsity, "damp_used": 0.0, "bits": None})
-                continue
-            opts = dataclasses.replace(p.options(goal), kernel=kernel, quant=p.quant.spec if quantize else None)
+        chosen = [m for m in group.members if in_scope(m, p.prune.scope) and (target > 0 or quantize)]
+        linears = {m: layer.get_submodule(m) for m in group.members}
+        results: dict[str, Compressed] = {}
+        if chosen:
+            opts = dataclasses.replace(p.options(target), kernel=kernel, quant=p.quant.spec if quantize else None)
+            H = H_of(group)  # [in, in]
             start = time.perf_counter()
             try:
-                result = solve(p.pruner, linear.weight.data, H, opts)
+                # The members share H: the OBS solvers factor it once for all of them.
+                solved = solve_group(p.pruner, [linears[m].weight.data for m in chosen], H, opts)
             except ValueError as err:
-                raise RacError(f"layer {i} {member}: {in_params_terms(str(err))}") from err
+                raise RacError(f"layer {i} {'/'.join(chosen)}: {in_params_terms(str(err))}") from err
             seconds += time.perf_counter() - start
+            results = dict(zip(chosen, solved, strict=True))
+        for member in group.members:
+            linear = linears[member]
+            result = results.get(member)
+            if result is None:
+                rows.append(_row(i, member, linear.weight, 0.0, 0.0, 0.0, None))
+                continue
             if result.damp_used > p.prune.damp:
                 log.warning(
                     "layer %d %s: Cholesky failed at damp=%g; used damp=%g", i, member, p.prune.damp, result.damp_used
@@ -138,10 +141,19 @@ def _compressed_layer(
             linear.weight.data.copy_(result.weight)
             if result.quant is not None:
                 quantized[member] = result.quant
-            sparsity = float((result.weight == 0).float().mean())
             bits = result.quant.bits if result.quant is not None else None
-            rows.append(row | {"loss": result.loss, "sparsity": sparsity, "damp_used": result.damp_used, "bits": bits})
+            rows.append(_row(i, member, result.weight, target, result.loss, result.damp_used, bits))
     return rows, quantized, seconds
+
+
+def _row(
+    i: int, member: str, weight: torch.Tensor, target: float, loss: float, damp_used: float, bits: int | None
+) -> dict[str, Any]:
+    """report.json's row of one linear after compression (target 0: left as it was)."""
+    sparsity = float((weight == 0).float().mean())
+    shape = list(weight.shape)
+    return {"layer": i, "module": member, "shape": shape, "target": target, "loss": loss, "sparsity": sparsity,
+            "damp_used": damp_used, "bits": bits}  # fmt: skip
 
 
 def check_layer_shapes(p: Params, skeleton: Skeleton, groups: list[LinearGroup], targets: dict[int, float]) -> None:

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from stages.solvers import Options, QuantSpec, check_solver, gptq, solve, sparsegpt
+from stages.solvers import Options, QuantSpec, check_solver, gptq, solve, solve_group, sparsegpt
 from stages.solvers.base import layer_loss
 from stages.solvers.quant import find_params, quantize
 
@@ -239,3 +239,19 @@ def test_mask_only_solvers_refuse_a_grid(name: str) -> None:
         check_solver(name, opts)
     with pytest.raises(ValueError, match="does not quantize"):
         solve(name, _W(19), _H(_X(20)), opts)
+
+
+@pytest.mark.parametrize("spec", [SPECS[1], SPECS[4]], ids=str)
+@pytest.mark.parametrize("name, sparsity", [("gptq", 0.0), ("sparsegpt", 0.5)])
+def test_group_solve_equals_member_by_member(name: str, sparsity: float, spec: QuantSpec) -> None:
+    # gate and up of one layer share H: one factorisation and one stacked column loop, the same codes and grid.
+    H = _H(_X(20))
+    Ws = [_W(21, 12), _W(22, 7)]
+    together = solve_group(name, Ws, H, _opts(sparsity, spec))
+    for W, got in zip(Ws, together, strict=True):
+        alone = solve(name, W, H, _opts(sparsity, spec))
+        assert got.quant is not None and alone.quant is not None
+        assert torch.equal(got.mask, alone.mask) and torch.equal(got.quant.codes, alone.quant.codes)
+        assert torch.equal(got.quant.zero, alone.quant.zero)
+        torch.testing.assert_close(got.quant.scale, alone.quant.scale, rtol=1e-6, atol=0)
+        torch.testing.assert_close(got.weight, alone.weight, rtol=1e-10, atol=1e-12)

@@ -7,11 +7,11 @@ import torch
 
 from stages.solvers.alps import alps
 from stages.solvers.base import QUANT_BITS, Compressed, Options, Quantized, QuantSpec
-from stages.solvers.gptq import gptq
+from stages.solvers.gptq import gptq, gptq_shared
 from stages.solvers.hessian import Prepared, hessian_from_sums, mixed_count, prepare_hessian
 from stages.solvers.magnitude import magnitude
 from stages.solvers.masks import parse_pattern
-from stages.solvers.sparsegpt import KERNELS, sparsegpt
+from stages.solvers.sparsegpt import KERNELS, sparsegpt, sparsegpt_shared
 from stages.solvers.wanda import wanda
 
 
@@ -21,6 +21,12 @@ class Solver(Protocol):
     def __call__(self, W: torch.Tensor, H: torch.Tensor, opts: Options) -> Compressed: ...
 
 
+class SharedSolver(Protocol):
+    """Compress each W [out_k, in] of a group that shares H [in, in], as the solver would one by one."""
+
+    def __call__(self, Ws: list[torch.Tensor], H: torch.Tensor, opts: Options) -> list[Compressed]: ...
+
+
 SOLVERS: dict[str, Solver] = {
     "alps": alps,
     "gptq": gptq,
@@ -28,6 +34,8 @@ SOLVERS: dict[str, Solver] = {
     "sparsegpt": sparsegpt,
     "wanda": wanda,
 }
+# The OBS solvers factor H once for a whole group (q, k, v; gate, up) and walk its stacked rows in one loop.
+SHARED: dict[str, SharedSolver] = {"gptq": gptq_shared, "sparsegpt": sparsegpt_shared}
 # The OBS solvers round each weight while later columns can still compensate; the others only choose masks.
 QUANTIZERS = ("gptq", "sparsegpt")
 
@@ -46,16 +54,27 @@ def solve(name: str, W: torch.Tensor, H: torch.Tensor, opts: Options) -> Compres
     return SOLVERS[name](W, H, opts)
 
 
+def solve_group(name: str, Ws: list[torch.Tensor], H: torch.Tensor, opts: Options) -> list[Compressed]:
+    """The solver ``name`` on each W [out_k, in] of a group sharing H [in, in]: in one pass where it has a shared
+    form (``SHARED``), member by member otherwise."""
+    check_solver(name, opts)
+    if name in SHARED:
+        return SHARED[name](Ws, H, opts)
+    return [SOLVERS[name](W, H, opts) for W in Ws]
+
+
 __all__ = [
     "KERNELS",
     "QUANTIZERS",
     "QUANT_BITS",
+    "SHARED",
     "SOLVERS",
     "Compressed",
     "Options",
     "Prepared",
     "QuantSpec",
     "Quantized",
+    "SharedSolver",
     "Solver",
     "alps",
     "check_solver",
@@ -66,6 +85,7 @@ __all__ = [
     "parse_pattern",
     "prepare_hessian",
     "solve",
+    "solve_group",
     "sparsegpt",
     "wanda",
 ]

@@ -41,6 +41,11 @@ class Quantized(NamedTuple):
     group_size: int | None  # None: groups == 1
     symmetric: bool  # zero == 2^(bits−1) everywhere
 
+    def split(self, rows: list[int]) -> list["Quantized"]:
+        """The integer forms of consecutive row blocks of ``rows`` rows each (a stacked group's members)."""
+        parts = zip(self.codes.split(rows), self.scale.split(rows), self.zero.split(rows), strict=True)
+        return [Quantized(c, s, z, self.bits, self.group_size, self.symmetric) for c, s, z in parts]
+
 
 class Compressed(NamedTuple):
     """A compressed layer: Ŵ is zero wherever ``mask`` is False, and on the grid of ``quant`` when it is set."""
@@ -59,9 +64,13 @@ def check_shapes(W: torch.Tensor, H: torch.Tensor) -> None:
 
 
 def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """½·tr((W−Ŵ) H (W−Ŵ)ᵀ) in float64: ||(W−Ŵ)X||²_F / n, the mean per-token error, when H = 2XXᵀ/n."""
-    delta = W.to(torch.float64) - W_hat.to(torch.float64)  # [out, in]
-    return 0.5 * float(((delta @ H.to(torch.float64)) * delta).sum())
+    """½·tr((W−Ŵ) H (W−Ŵ)ᵀ): ||(W−Ŵ)X||²_F / n, the mean per-token error, when H = 2XXᵀ/n.
+
+    The product runs in float32 unless an input is float64 (as the solvers do; it costs as much as their
+    trailing updates), the sum in float64."""
+    dtype = torch.float64 if torch.float64 in (W.dtype, W_hat.dtype, H.dtype) else torch.float32
+    delta = W.to(dtype) - W_hat.to(dtype)  # [out, in]
+    return 0.5 * float(((delta @ H.to(dtype)) * delta).sum(dtype=torch.float64))
 
 
 def n_pruned(sparsity: float, numel: int) -> int:

@@ -6,11 +6,16 @@ from stages.solvers.base import Compressed, Options
 from stages.solvers.sparsegpt import obs
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, opts: Options) -> Compressed:
-    """Quantize W [out, in] on ``opts.quant``'s grid column by column, each rounding error compensated by the
-    columns not yet quantized; it prunes nothing (sparsegpt with ``quant`` prunes and quantizes)."""
+def gptq_shared(Ws: list[torch.Tensor], H: torch.Tensor, opts: Options) -> list[Compressed]:
+    """Quantize each W [out_k, in] sharing H on ``opts.quant``'s grid column by column, each rounding error
+    compensated by the columns not yet quantized; it prunes nothing (sparsegpt with ``quant`` does both)."""
     if opts.quant is None:
         raise ValueError("gptq quantizes: it needs quant settings (bits, group_size, symmetric, act_order)")
     if opts.sparsity != 0:
         raise ValueError(f"gptq prunes nothing, but sparsity={opts.sparsity!r}; sparsegpt with quant does both")
-    return obs(W, H, opts, 0.0)
+    return obs(Ws, H, opts, 0.0)
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, opts: Options) -> Compressed:
+    """``gptq_shared`` of the one W [out, in]."""
+    return gptq_shared([W], H, opts)[0]

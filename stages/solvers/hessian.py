@@ -56,18 +56,20 @@ def damped(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def prepare_hessian(H: torch.Tensor, damp: float) -> Prepared:
-    """Damp H (escalating ×10 until Cholesky succeeds) and return the upper Cholesky factor of its inverse."""
+    """Damp H (escalating ×10 until Cholesky succeeds) and return the upper Cholesky factor of its inverse.
+
+    One factorisation gives it: with J the reversal permutation and J·H·J = L·Lᵀ (L lower), H⁻¹ = UᵀU for the
+    upper-triangular U = J·L⁻¹·J, so no inverse is formed and factored again."""
     dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
     H = H.to(dtype)  # [in, in]
+    eye = torch.eye(H.shape[0], dtype=dtype, device=H.device)
     damp_used = damp
     for escalations in range(MAX_ESCALATIONS + 1):
         Hd, dead = damped(H, damp_used)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))  # [in, in] lower factor of J·H·J
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            # The second factorisation can also fail when H is ill-conditioned; more damping cures both.
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0 and torch.isfinite(U).all():
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)  # [in, in] J·L⁻¹·J
+            if torch.isfinite(U).all():
                 return Prepared(U, dead, damp_used, escalations)
         if escalations < MAX_ESCALATIONS:
             damp_used *= 10

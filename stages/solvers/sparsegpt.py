@@ -26,35 +26,46 @@ def obs_block(
     ``columns`` [B] are the block's inputs in the original order, where ``grid`` looks up their scales.
     The inputs are not mutated, except that ``grid`` fills the scales of the groups it opens.
     """
-    W1 = W1.clone()
-    Q1 = torch.zeros_like(W1)
-    Err1 = torch.zeros_like(W1)
+    # Transposed, so that column i is the contiguous row i and the rank-1 update touches one slab.
+    Wt = W1.T.clone()  # [B, out]
+    Errt = torch.empty_like(Wt)  # [B, out]
+    Qt = torch.empty_like(Wt) if grid is not None else None
     M1 = M1.clone()
-    d1 = torch.diag(Hinv1).unsqueeze(0)  # [1, B]
-    for i in range(W1.shape[1]):
+    d1 = torch.diag(Hinv1)  # [B]
+    # Without a grid, q = m·w, so err = (w − q)/d = w·(1 − m)/d: one product per column.
+    Pt = (~M1).T.to(Wt.dtype) / d1.unsqueeze(1)  # [B, out]
+    for i in range(Wt.shape[0]):
         if nm is not None and i % nm[1] == 0:
             g = slice(i, i + nm[1])
-            M1[:, g] = keep_nm(W1[:, g] ** 2 / d1[:, g] ** 2, *nm)
-        w = W1[:, i]  # [out]
-        q = torch.where(M1[:, i], w, 0.0)
-        if grid is not None:
-            assert columns is not None
-            scale, zero = grid.column(int(columns[i]), W1[:, i:])
-            q = quantize(q, scale, zero, grid.spec.bits)  # a pruned 0 stays 0: the grid holds it
-        Q1[:, i] = q
-        err = (w - q) / Hinv1[i, i]  # [out]
-        W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-        Err1[:, i] = err
-    return Q1, Err1, M1
+            M1[:, g] = keep_nm(Wt[g].T ** 2 / d1[g] ** 2, *nm)
+            Pt[g] = (~M1[:, g]).T.to(Wt.dtype) / d1[g].unsqueeze(1)
+        if Qt is None:
+            torch.mul(Wt[i], Pt[i], out=Errt[i])
+        else:
+            assert grid is not None and columns is not None
+            w = Wt[i]  # [out]
+            scale, zero = grid.column(int(columns[i]), Wt[i:].T)
+            Qt[i] = quantize(torch.where(M1[:, i], w, 0.0), scale, zero, grid.spec.bits)  # a pruned 0 stays 0
+            torch.div(w - Qt[i], Hinv1[i, i], out=Errt[i])
+        Wt[i + 1 :].addr_(Hinv1[i, i + 1 :], Errt[i], alpha=-1)  # [B−i−1, out]: the later columns compensate
+    # Column i ends as q: w where kept (err = 0), exactly 0 where pruned.
+    Q1 = torch.where(M1, Wt.T, 0.0) if Qt is None else Qt.T
+    return Q1, Errt.T, M1
 
 
-def obs(W: torch.Tensor, H: torch.Tensor, opts: Options, sparsity: float) -> Compressed:
-    """Prune W [out, in] to ``sparsity`` and quantize it on ``opts.quant``'s grid by OBS updates, minimising
-    ||WX − ŴX||²; sparsity 0 with a grid is GPTQ, no grid is SparseGPT."""
-    check_shapes(W, H)
+def obs(Ws: list[torch.Tensor], H: torch.Tensor, opts: Options, sparsity: float) -> list[Compressed]:
+    """Prune each W [out_k, in] of ``Ws`` to ``sparsity`` and quantize it on ``opts.quant``'s grid by OBS updates,
+    minimising ||W_k X − Ŵ_k X||²; sparsity 0 with a grid is GPTQ, no grid is SparseGPT.
+
+    The Ws share H (a group's members, e.g. q, k and v), so H is factored once and their stacked rows walk one
+    column loop. Rows are independent given H⁻¹ and each member's mask is chosen from its own rows, so the
+    result is each member's own solve."""
+    for W in Ws:
+        check_shapes(W, H)
     if opts.kernel not in KERNELS:
         raise ValueError(f"kernel={opts.kernel!r} is unknown; choose one of {sorted(KERNELS)}")
-    out, in_ = W.shape
+    rows = [W.shape[0] for W in Ws]
+    in_ = H.shape[0]
     nm = layer_pattern(opts.pattern, sparsity, in_) if sparsity > 0 else None
     if nm is not None and opts.block_size % nm[1] != 0:
         raise ValueError(
@@ -73,29 +84,32 @@ def obs(W: torch.Tensor, H: torch.Tensor, opts: Options, sparsity: float) -> Com
     else:
         block_step = obs_block
     # float32 as in the reference; float64 only when the caller already paid for it.
-    dtype = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
+    dtype = torch.float64 if torch.float64 in (*(W.dtype for W in Ws), H.dtype) else torch.float32
     Hd = H.to(dtype)  # [in, in]
-    W_hat = W.to(dtype, copy=True)  # [out, in]
+    W_hat = torch.cat([W.to(dtype) for W in Ws])  # [Σ out_k, in], a copy
     W_hat[:, torch.diag(Hd) == 0] = 0  # a dead input never reaches the output (prepare_hessian's `dead`)
     grid = Grid(spec, W_hat) if spec is not None else None
-    order = torch.arange(in_, device=W.device)  # [in] the original input of each visited column
+    order = torch.arange(in_, device=H.device)  # [in] the original input of each visited column
     if spec is not None and spec.act_order:
         # Large H_jj first, as GPTQ's act order: the most active inputs are quantized while most columns can
         # still compensate. A stable sort keeps ties (dead inputs included) in index order.
         order = torch.argsort(torch.diag(Hd), descending=True, stable=True)
         Hd, W_hat = Hd[order][:, order], W_hat[:, order]
     Hinv, _, damp_used, _ = prepare_hessian(Hd, opts.damp)  # [in, in] upper Cholesky of H⁻¹, visiting order
-    M = torch.ones(out, in_, dtype=torch.bool, device=W.device)  # [out, in] in the visiting order
-    counts = block_counts(sparsity, out, in_, opts.block_size)
+    M = torch.ones_like(W_hat, dtype=torch.bool)  # [Σ out_k, in] in the visiting order
+    counts = [block_counts(sparsity, r, in_, opts.block_size) for r in rows]  # [member][block]
 
-    for i1, k in zip(range(0, in_, opts.block_size), counts, strict=True):
+    for b, i1 in enumerate(range(0, in_, opts.block_size)):
         i2 = min(i1 + opts.block_size, in_)
-        W1 = W_hat[:, i1:i2]  # [out, B]
+        W1 = W_hat[:, i1:i2]  # [Σ out_k, B]
         Hinv1 = Hinv[i1:i2, i1:i2]  # [B, B]
-        # OBS saliency w²/[H⁻¹]_ii². Unstructured: chosen once per block, so the mask adapts to earlier
-        # compensation. N:M: chosen per group inside the loop, from the weights compensated so far.
-        d1 = torch.diag(Hinv1).unsqueeze(0)  # [1, B]
-        M1 = keep_smallest_pruned(W1**2 / d1**2, k) if nm is None else torch.ones_like(W1, dtype=torch.bool)
+        # OBS saliency w²/[H⁻¹]_ii². Unstructured: chosen once per block and member, so the mask adapts to
+        # earlier compensation. N:M: chosen per group inside the loop, from the weights compensated so far.
+        if nm is None:
+            scores = (W1**2 / torch.diag(Hinv1).unsqueeze(0) ** 2).split(rows)  # [out_k, B] each
+            M1 = torch.cat([keep_smallest_pruned(s, c[b]) for s, c in zip(scores, counts, strict=True)])
+        else:
+            M1 = torch.ones_like(W1, dtype=torch.bool)
         if grid is None:
             Q1, Err1, M1 = block_step(W1, Hinv1, M1, nm)
         else:
@@ -107,12 +121,19 @@ def obs(W: torch.Tensor, H: torch.Tensor, opts: Options, sparsity: float) -> Com
 
     inverse = torch.argsort(order)
     W_hat, M = W_hat[:, inverse], M[:, inverse]
-    weight = W_hat.to(W.dtype)
-    quantized = grid.integers(W_hat) if grid is not None else None
-    return Compressed(weight, M, layer_loss(W, weight, H), damp_used, quantized)
+    quantized = grid.integers(W_hat).split(rows) if grid is not None else [None] * len(Ws)
+    return [
+        Compressed(w_hat.to(W.dtype), m, layer_loss(W, w_hat.to(W.dtype), H), damp_used, q)
+        for W, w_hat, m, q in zip(Ws, W_hat.split(rows), M.split(rows), quantized, strict=True)
+    ]
+
+
+def sparsegpt_shared(Ws: list[torch.Tensor], H: torch.Tensor, opts: Options) -> list[Compressed]:
+    """Prune each W [out_k, in] sharing H to ``opts.sparsity`` by OBS masks and compensation; quantize in the same
+    pass when ``opts.quant`` is set. ``opts.kernel`` runs each block's column loop: "torch" or "triton" (fused)."""
+    return obs(Ws, H, opts, opts.sparsity)
 
 
 def sparsegpt(W: torch.Tensor, H: torch.Tensor, opts: Options) -> Compressed:
-    """Prune W [out, in] to ``opts.sparsity`` by OBS masks and compensation; quantize it in the same pass when
-    ``opts.quant`` is set. ``opts.kernel`` runs each block's column loop: "torch" or "triton" (the fused kernel)."""
-    return obs(W, H, opts, opts.sparsity)
+    """``sparsegpt_shared`` of the one W [out, in]."""
+    return sparsegpt_shared([W], H, opts)[0]
