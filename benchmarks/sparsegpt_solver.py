@@ -7,7 +7,8 @@ Paths compared, at equal loss:
 - ``triton``: rac's solver with the fused block kernel (CUDA only);
 - ``gptq-w4``: GPTQ's loop (the same OBS pass, every weight rounded to a 4-bit grid), for its cost.
 Also printed: the share of the torch path's time spent in the trailing GEMMs alone (the floor a
-fused kernel can approach). On a 2-core CPU use ``--scale 0.25`` (layer dims divided by 4).
+fused kernel can approach), and one q, k, v group solved with its shared H factored once and its rows
+stacked, against member by member. On a 2-core CPU use ``--scale 0.25`` (layer dims divided by 4).
 
     python benchmarks/sparsegpt_solver.py --scale 0.25
 """
@@ -24,9 +25,10 @@ from stages.solvers import Options, QuantSpec, gptq
 from stages.solvers.base import block_counts, layer_loss
 from stages.solvers.hessian import prepare_hessian
 from stages.solvers.masks import keep_smallest_pruned
-from stages.solvers.sparsegpt import sparsegpt
+from stages.solvers.sparsegpt import sparsegpt, sparsegpt_shared
 
 QWEN_7B = {"q/o_proj": (3584, 3584), "up/gate_proj": (18944, 3584), "down_proj": (3584, 18944)}
+QWEN_7B_QKV = (3584, 512, 512)  # q, k and v rows: one input, one H
 SPARSITY, BLOCK, DAMP = 0.5, 128, 0.01
 
 
@@ -112,6 +114,15 @@ def main() -> None:
         gemm, _ = timed(device, trailing_gemms, W, H)
         share = gemm / rows[-2][1]
         print(f"{label:>14} {f'{out}x{in_}':>13} {'GEMMs':>8} {gemm:9.3f} {'':>12} {share:9.0%} of {rows[-2][0]}")
+    # A group sharing H (q, k, v) in one stacked solve against member by member, torch path.
+    in_ = int(3584 * args.scale)
+    Ws = [realistic_problem(int(out * args.scale), in_, device)[0] for out in QWEN_7B_QKV]
+    H = realistic_problem(1, in_, device)[1]
+    opts = Options(SPARSITY, "unstructured", BLOCK, DAMP, "torch", None)
+    alone, _ = timed(device, lambda: [sparsegpt(W, H, opts) for W in Ws])
+    shared, _ = timed(device, sparsegpt_shared, Ws, H, opts)
+    shape = f"{'+'.join(str(W.shape[0]) for W in Ws)}x{in_}"
+    print(f"{'q,k,v':>14} {shape:>13} one by one {alone:.3f} s, shared H {shared:.3f} s: {alone / shared:.2f}x")
 
 
 if __name__ == "__main__":
