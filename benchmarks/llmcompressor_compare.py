@@ -237,7 +237,12 @@ def main() -> None:
     load_start = os.getloadavg()
     t0 = time.perf_counter()
     model = Path(
-        subprocess.run(["rac", "real-model", "smollm2-135m-instruct"], capture_output=True, text=True, check=True)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "rac"), "real-model", "smollm2-135m-instruct"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         .stdout.strip()
         .splitlines()[-1]
     )
