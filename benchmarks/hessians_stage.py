@@ -8,7 +8,8 @@
    are over 3× the activation budget given: the layer walk against the full-model path.
 3. ``dvc push`` and ``dvc pull`` of the store to a local-directory remote: seconds and file count.
 
-    python benchmarks/hessians_stage.py                  # all three; --parts 2 3 --skip-old-rss for the walk alone
+    python benchmarks/hessians_stage.py                  # all three
+    python benchmarks/hessians_stage.py --parts 2 --rss-paths full   # the full-model path's peak RSS alone
 """
 
 import argparse
@@ -150,7 +151,7 @@ print([line.split()[1] for line in open('/proc/self/status') if line.startswith(
 """
 
 
-def peak_rss(model_dir: Path, weight_bytes: int, calib: Path, work: Path, old: bool) -> Path:
+def peak_rss(model_dir: Path, weight_bytes: int, calib: Path, work: Path, paths: list[str]) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     budget_gb = weight_bytes / 2**30 / 4  # the weights are 4x the activation budget
     params["model"] = str(model_dir)
@@ -165,7 +166,7 @@ def peak_rss(model_dir: Path, weight_bytes: int, calib: Path, work: Path, old: b
     )
     out = work / "walk.zarr"
     runs = {
-        f"layer walk, activations.memory_gb {budget_gb:.3f}": [
+        f"walk: layer walk, activations.memory_gb {budget_gb:.3f}": [
             sys.executable,
             "-c",
             RSS_DRIVER,
@@ -177,7 +178,7 @@ def peak_rss(model_dir: Path, weight_bytes: int, calib: Path, work: Path, old: b
             "--out",
             str(out),
         ],
-        f"full model ({BEFORE}), max_memory_gb {sums_gb / 4:.3f}": [
+        f"full: full model ({BEFORE}), max_memory_gb {sums_gb / 4:.3f}": [
             sys.executable,
             "-c",
             OLD_DRIVER.format(bench=str(Path(__file__).parent)),
@@ -188,7 +189,7 @@ def peak_rss(model_dir: Path, weight_bytes: int, calib: Path, work: Path, old: b
         ],
     }
     for label, cmd in runs.items():
-        if not old and label.startswith("full model"):
+        if label.split(":")[0] not in paths:
             continue
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
@@ -232,7 +233,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3], help="which to run")
     parser.add_argument(
-        "--skip-old-rss", action="store_true", help="part 2 without the full-model path (its windows re-run layers)"
+        "--rss-paths",
+        nargs="+",
+        choices=("walk", "full"),
+        default=["walk", "full"],
+        help="part 2's builds: the layer walk, the full-model path (slow: windows re-run layers); 3 needs walk",
     )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -251,9 +256,11 @@ def main() -> None:
         if 1 in args.parts:
             make_model(work / "timed", TIMED["hidden"], TIMED["intermediate"], TIMED["layers"])
             overhead(work / "timed", ids, segs, work)
+        if 3 in args.parts and "walk" not in args.rss_paths:
+            raise SystemExit("part 3 pushes the layer walk's store: keep walk in --rss-paths")
         if 2 in args.parts or 3 in args.parts:
             weight_bytes = make_model(work / "big", BIG["hidden"], BIG["intermediate"], BIG["layers"])
-            store = peak_rss(work / "big", weight_bytes, calib, work, old=not args.skip_old_rss)
+            store = peak_rss(work / "big", weight_bytes, calib, work, args.rss_paths)
             if 3 in args.parts:
                 dvc_transfer(store, work)
     print(f"load at the end {os.getloadavg()}")
