@@ -18,7 +18,7 @@ import numpy as np
 from stages.generation import generate
 from stages.models import check_chat_template, encode_prompt, load_tokenizer
 from stages.params import Params
-from stages.sandbox import isolation
+from stages.sandbox import isolation, limit_scope
 from stages.schemas import SAMPLES, atomic_path, generation_columns, write_parquet
 from stages.tasks import get_task, normalized
 
@@ -119,8 +119,11 @@ def run(p: Params, model: str, out: Path) -> dict[str, float]:
     )
     if task.sandboxed:
         result["sandbox_isolation"] = isolation()
+        result["sandbox_limits"] = limit_scope()
         if result["sandbox_isolation"] == "none":
             log.warning("the sandbox has no namespaces here: programs could reach the network and other files")
+        if result["sandbox_limits"] == "process":
+            log.warning("no cgroup may be made here: the sandbox limits memory per process, not per run")
     write_parquet(rows, SAMPLES, out / "samples.parquet", {"model": model, "task": p.task, "seed": s.seed})
     with atomic_path(out / "metrics.json") as tmp:  # last, so metrics never describe stale samples
         tmp.write_text(json.dumps(result, indent=2) + "\n")
