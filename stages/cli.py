@@ -109,6 +109,15 @@ def model(params_path: Path, out: Path) -> None:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
 
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder of <stage>.json to write.")
+def versions(out: Path) -> None:
+    """Write each stage's implementation version, the part of its cache key that stands for rac's code."""
+    from stages import versions as versions_module
+
+    versions_module.write(out)
+
+
 @main.command("real-model")
 @click.argument("name")
 @click.option(

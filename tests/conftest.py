@@ -184,10 +184,13 @@ def assert_bad_input(result: Result, *needles: str) -> None:
     assert "Traceback" not in result.output
 
 
-def run_cmd(args: list[str], cwd: Path) -> str:
-    """Run ``args`` in ``cwd`` with the venv's ``rac`` and ``dvc`` on PATH; its stdout and stderr, or a failure."""
+def run_cmd(args: list[str], cwd: Path, rac_from: Path | None = None) -> str:
+    """Run ``args`` in ``cwd`` with the venv's ``rac`` and ``dvc`` on PATH (``rac`` importing the ``stages``
+    under ``rac_from`` when given); its stdout and stderr, or a failure."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    if rac_from is not None:
+        env["PYTHONPATH"] = str(rac_from)
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -1,6 +1,7 @@
 """The real pipeline through DVC: `dvc repro`, then `dvc repro -f` gives a byte-identical dvc.lock (every out
 is a pure function of its inputs), then `dvc exp run -S sparsity=…` re-runs only prune, evaluate and report,
-and leaves the Hessian stores untouched."""
+and leaves the Hessian stores untouched; a teammate pulls the caches; upgrading rac re-runs only the stages
+whose implementation version moved."""
 
 import hashlib
 import json
@@ -76,3 +77,26 @@ def test_repro_then_sparsity_experiment_reuses_hessians(tmp_path: Path) -> None:
     again = run_cmd([*DVC, "exp", "run", "-S", "sparsity=0.4"], repo)
     assert not [line for line in again.splitlines() if line.startswith("Running stage") and "'hessians@" in line]
     assert "Running stage 'prune@rac'" in again
+
+    # Upgrading rac, with the project's copy of stages/ as the installed rac. An edited error message in params
+    # validation changes no implementation version: nothing re-runs.
+    code = repo / "stages"
+    params_py = code / "params.py"
+    params_py.write_text(params_py.read_text().replace("or fix the spelling", "or correct the spelling"))
+    assert "Running stage" not in _dry_run(repo, code)
+    # A solver change that moves the pruned weights comes with prune's version bumped: prune re-runs (and DVC then
+    # re-runs what reads the models it rewrites), nothing upstream of it.
+    versions_py = code / "versions.py"
+    versions_py.write_text(versions_py.read_text().replace('"prune": 1,', '"prune": 2,'))
+    would = {line.split("'")[1] for line in _dry_run(repo, code).splitlines() if line.startswith("Running stage")}
+    assert would == {f"prune@{s}" for s in stores}
+
+
+def _dry_run(repo: Path, code: Path) -> str:
+    """What `dvc repro` would run after the implementation versions of rac at ``code`` are written."""
+    run_cmd([*DVC, "repro", "versions"], repo, rac_from=code.parent)
+    return "\n".join(
+        line
+        for line in run_cmd([*DVC, "repro", "--dry"], repo, rac_from=code.parent).splitlines()
+        if line.startswith("Running stage") and "'versions'" not in line and "'model'" not in line
+    )
