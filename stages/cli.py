@@ -110,6 +110,17 @@ def model(params_path: Path, out: Path) -> None:
 
 
 @main.command()
+@click.option("--preset", help="A shipped preset's name (r1-distill-qwen-7b, qwen3-8b, ...) or a preset file.")
+@click.argument("repo", type=click.Path(path_type=Path), default=Path("."))
+def init(preset: str | None, repo: Path) -> None:
+    """Make a git repository a rac project: dvc.yaml, params.yaml and the embedded model, ready for `dvc repro`."""
+    from stages.project import init as init_project
+
+    init_project(repo, preset)
+    click.echo(f"{repo}: rac project written; run `dvc repro`")
+
+
+@main.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder of <stage>.json to write.")
 def versions(out: Path) -> None:
     """Write each stage's implementation version, the part of its cache key that stands for rac's code."""

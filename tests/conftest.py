@@ -3,7 +3,6 @@
 import copy
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -203,17 +202,12 @@ def git_commit(repo: Path, message: str) -> None:
 
 
 def dvc_project(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """A git+DVC repo at ``repo`` with the project's DAG, stages and embedded model, and the shipped params with
-    nested ``overrides``, committed; returns the params."""
+    """A rac project made by ``rac init`` in a fresh git repo at ``repo`` (outside this one), its params the
+    shipped ones with nested ``overrides``, committed; returns the params."""
     repo.mkdir()
-    for name in ("dvc.yaml", "stages"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    shutil.copytree(ROOT / "data" / "embedded", repo / "data" / "embedded")
-    params = merge(yaml.safe_load(SHIPPED_PARAMS.read_text()), overrides)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_cmd(["git", "init", "-q", "-b", "main"], repo)
-    run_cmd([*DVC, "init", "-q"], repo)
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the project's cache settings
+    run_cmd(["rac", "init"], repo)
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), overrides)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git_commit(repo, "init")
     return params

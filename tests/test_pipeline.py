@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DVC, SMALL_PIPELINE, dvc_project, git_commit, run_cmd
+from conftest import DVC, ROOT, SMALL_PIPELINE, dvc_project, git_commit, run_cmd
 
 UPSTREAM = ("rollout", "calibrate@", "hessians@")
 
@@ -78,9 +78,10 @@ def test_repro_then_sparsity_experiment_reuses_hessians(tmp_path: Path) -> None:
     assert not [line for line in again.splitlines() if line.startswith("Running stage") and "'hessians@" in line]
     assert "Running stage 'prune@rac'" in again
 
-    # Upgrading rac, with the project's copy of stages/ as the installed rac. An edited error message in params
-    # validation changes no implementation version: nothing re-runs.
-    code = repo / "stages"
+    # Upgrading rac, with a copy of its code as the installed rac. An edited error message in params validation
+    # changes no implementation version: nothing re-runs.
+    code = tmp_path / "upgraded" / "stages"
+    shutil.copytree(ROOT / "stages", code, ignore=shutil.ignore_patterns("template", "__pycache__"))
     params_py = code / "params.py"
     params_py.write_text(params_py.read_text().replace("or fix the spelling", "or correct the spelling"))
     assert "Running stage" not in _dry_run(repo, code)
