@@ -12,6 +12,7 @@ from stages.models import fingerprint
 from stages.params import Params
 from stages.schemas import SEGMENT_IDS, tmp_sibling
 from stages.solvers import hessian_from_sums
+from stages.solvers.hessian import damped
 from stages.store import HessianStore, HessianWriter
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,7 @@ def info(p: Params, path: Path) -> None:
     total = 0
     for g in store.groups():
         sums = {s: torch.from_numpy(x).double() for s, x in store.sums(g).items()}
-        H = hessian_from_sums(sums, g.n_tokens, p.prune.mix)  # [d, d]
-        H += p.prune.damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+        H, _ = damped(hessian_from_sums(sums, g.n_tokens, p.prune.mix), p.prune.damp)  # [d, d], as the solvers see it
         eig = torch.linalg.eigvalsh(H)
         cond = float(eig[-1] / eig[0]) if eig[0] > 0 else float("inf")
         size = _disk_bytes(store.path / g.key)
