@@ -4,8 +4,8 @@ Each stage reads the top-level keys it needs and its own section. Every field is
 here, so a default can never be written twice.
 """
 
+import dataclasses
 import math
-import re
 import types
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,7 +19,7 @@ from stages.models import check_model_dir, looks_local, model_ref
 from stages.sandbox import Limits
 from stages.schemas import SEGMENT_IDS, SOURCES, atomic_path
 from stages.selection import SCOPES, check_layers
-from stages.solvers import KERNELS, QUANT_BITS, Options, QuantSpec, check_solver, parse_pattern
+from stages.solvers import KERNELS, QUANT_BITS, OptionError, Options, QuantSpec, check_solver, parse_pattern
 from stages.tasks import BenchmarkSpec, check_benchmark, check_task
 
 # prune.calibration: the Hessians of each layer from the dense model's activations (the cached store), or
@@ -29,9 +29,10 @@ CALIBRATIONS = ("dense", "sequential")
 BACKENDS = ("vllm", "hf")
 # evaluate.quantization: vLLM's own on-the-fly quantization of the evaluated model (the paper's RAC + FP8).
 EVAL_QUANTIZATIONS = ("fp8",)
-# The solvers' option names and the params.yaml keys they come from: a solver's plain error names the option,
+# The solvers' option names and the params.yaml keys they come from: a solver's OptionError carries the option,
 # the stages name the key.
 OPTION_KEYS = {
+    "mix": "prune.mix",
     "pattern": "prune.pattern",
     "block_size": "prune.block_size",
     "damp": "prune.damp",
@@ -43,9 +44,9 @@ OPTION_KEYS = {
 }
 
 
-def in_params_terms(message: str) -> str:
-    """A solver's error with each option name (``group_size=…``) replaced by its params.yaml key."""
-    return re.sub(r"(?<![\w.])(" + "|".join(OPTION_KEYS) + r")(?==)", lambda m: OPTION_KEYS[m[1]], message)
+def in_params_terms(err: OptionError) -> str:
+    """A solver's error with each option it names (``group_size=…``) named by its params.yaml key."""
+    return err.render(OPTION_KEYS)
 
 
 KEEP = ("all", "correct")  # rollout.keep: which traces the rac source calibrates on
@@ -414,8 +415,8 @@ class Params:
             if value > 0:
                 try:
                     parse_pattern(self.prune.pattern, value)
-                except ValueError as err:
-                    raise RacError(in_params_terms(str(err))) from err
+                except OptionError as err:
+                    raise RacError(in_params_terms(err)) from err
         self.check_compression()
 
     def options(self, sparsity: float) -> Options:
@@ -424,37 +425,16 @@ class Params:
         return Options(sparsity, p.pattern, p.block_size, p.damp, p.kernel, self.quant.spec)
 
     def check_compression(self) -> None:
-        """pruner, quant and export agree, before any model is read."""
-        spec = self.quant.spec
-        try:
-            check_solver(self.pruner, self.options(self.sparsity))
-        except ValueError as err:
-            raise RacError(f"{err} (quant.bits={self.quant.bits!r}); set quant.bits null or change pruner") from err
-        if self.pruner == "gptq":
-            if spec is None:
-                raise RacError("pruner='gptq' quantizes: set quant.bits (e.g. -S quant.bits=4)")
-            pruned = [v for v in (self.sparsity, *self.prune.overrides.values()) if v > 0]
-            if pruned:
-                raise RacError(
-                    f"pruner='gptq' prunes nothing but sparsity={pruned[0]!r}; set sparsity=0 and no "
-                    "prune.overrides, or use pruner=sparsegpt with quant.bits to prune and quantize in one pass"
-                )
-        check_export(self.prune.export, spec)
-        if spec is None:
-            return
-        if self.prune.kernel == "triton":
-            raise RacError("prune.kernel='triton' prunes without quantizing; set prune.kernel auto or torch")
-        g = spec.group_size
-        if g is not None and not spec.act_order and self.prune.block_size % g:
-            raise RacError(
-                f"prune.block_size={self.prune.block_size} is not a multiple of quant.group_size={g}: a group must "
-                f"open inside one lazy batch; set prune.block_size to {g * max(1, round(self.prune.block_size / g))}"
-            )
-        if spec.act_order and self.prune.pattern != "unstructured":
-            raise RacError(
-                f"quant.act_order visits inputs out of order, which breaks prune.pattern={self.prune.pattern!r} "
-                "groups; set quant.act_order false or prune.pattern unstructured"
-            )
+        """pruner, pattern, kernel, quant and export agree (the solvers' own rules), before any model is read."""
+        for sparsity in dict.fromkeys([self.sparsity, *self.prune.overrides.values()]):
+            opts = self.options(sparsity)
+            # `auto` picks torch whenever a grid is set, and no rule concerns the kernel otherwise.
+            kernel = "torch" if opts.kernel == "auto" else opts.kernel
+            try:
+                check_solver(self.pruner, dataclasses.replace(opts, kernel=kernel))
+            except OptionError as err:
+                raise RacError(in_params_terms(err)) from err
+        check_export(self.prune.export, self.quant.spec)
 
 
 _SECTIONS = {

@@ -44,7 +44,7 @@ from stages.models import LinearGroup, compute_device, fingerprint, load_tokeniz
 from stages.params import Params, in_params_terms
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
 from stages.selection import in_scope, layer_sparsities, selected_layers
-from stages.solvers import Compressed, Quantized, hessian_from_sums, mixed_count, solve_group
+from stages.solvers import Compressed, OptionError, Quantized, hessian_from_sums, mixed_count, solve_group
 from stages.solvers.masks import layer_pattern
 from stages.solvers.quant import check_spec
 from stages.store import HessianStore
@@ -124,8 +124,8 @@ def _compressed_layer(
             try:
                 # The members share H: the OBS solvers factor it once for all of them.
                 solved = solve_group(p.pruner, [linears[m].weight.data for m in chosen], H, opts)
-            except ValueError as err:
-                raise RacError(f"layer {i} {'/'.join(chosen)}: {in_params_terms(str(err))}") from err
+            except OptionError as err:
+                raise RacError(f"layer {i} {'/'.join(chosen)}: {in_params_terms(err)}") from err
             seconds += time.perf_counter() - start
             results = dict(zip(chosen, solved, strict=True))
         for member in group.members:
@@ -170,9 +170,9 @@ def check_layer_shapes(p: Params, skeleton: Skeleton, groups: list[LinearGroup],
                 layer_pattern(p.prune.pattern, targets[group.layer], in_features)
             if quantize:
                 assert p.quant.spec is not None
-                check_spec(p.quant.spec, in_features, p.prune.block_size)
-        except ValueError as err:
-            raise RacError(f"layer {group.layer} {group.name}: {in_params_terms(str(err))}") from err
+                check_spec(p.quant.spec, in_features)
+        except OptionError as err:
+            raise RacError(f"layer {group.layer} {group.name}: {in_params_terms(err)}") from err
 
 
 def _shard_name(k: int, n: int) -> str:

@@ -211,8 +211,8 @@ def test_fp8_evaluation_needs_a_gpu(tiny_model_dir: Path, params_file: Callable[
         ({"quant": {"bits": 4, "group_size": 0}}, ("quant.group_size=0 must be > 0",)),
         ({"quant": {"bits": 4, "group_size": 48}}, ("prune.block_size=128 is not a multiple of quant.group_size=48",)),
         ({"pruner": "wanda", "quant": {"bits": 4}}, ("pruner='wanda' does not quantize", "quant.bits=4")),
-        ({"pruner": "gptq"}, ("pruner='gptq' quantizes: set quant.bits",)),
-        ({"pruner": "gptq", "quant": {"bits": 4}}, ("pruner='gptq' prunes nothing but sparsity=0.7",)),
+        ({"pruner": "gptq"}, ("gptq quantizes, so it needs a grid", "quant.bits=None")),
+        ({"pruner": "gptq", "quant": {"bits": 4}}, ("gptq prunes nothing, but sparsity=0.7",)),
         ({"quant": {"bits": 4}, "prune": {"kernel": "triton"}}, ("prune.kernel='triton' prunes without quant",)),
         (
             {"sparsity": 0.5, "quant": {"bits": 4, "act_order": True}, "prune": {"pattern": "2:4"}},

@@ -215,7 +215,7 @@ def test_float32_and_float64_agree() -> None:
         (_opts(0.0, QuantSpec(5, None, True, False)), r"bits=5 is not supported; choose one of \[2, 3, 4, 8\]"),
         (_opts(0.0, QuantSpec(4, 24, True, False)), "group_size=24 does not divide the layer's 64 inputs"),
         (_opts(0.0, QuantSpec(4, 32, True, False)), "block_size=16 is not a multiple of group_size=32"),
-        (_opts(0.5, QuantSpec(4, 16, True, True), "2:4"), "act_order visits inputs out of order"),
+        (_opts(0.5, QuantSpec(4, 16, True, True), "2:4"), "act_order=True visits inputs out of order"),
         (dataclasses.replace(_opts(0.0, QuantSpec(4, 16, True, False)), kernel="triton"), "prunes without quant"),
     ],
 )
@@ -226,7 +226,7 @@ def test_bad_quant_options(opts: Options, message: str) -> None:
 
 def test_gptq_needs_a_grid_and_no_sparsity() -> None:
     W, H = _W(17), _H(_X(18))
-    with pytest.raises(ValueError, match="gptq quantizes"):
+    with pytest.raises(ValueError, match="gptq quantizes, so it needs a grid"):
         gptq(W, H, _opts(0.0, None))
     with pytest.raises(ValueError, match=r"gptq prunes nothing, but sparsity=0\.5"):
         gptq(W, H, _opts(0.5, QuantSpec(4, 16, True, False)))

@@ -1,17 +1,17 @@
 """Pure-math compression solvers: tensors and ``Options`` in, a ``Compressed`` tuple out; no I/O, logging or device
-moves. They raise plain ValueErrors naming their options; the stages phrase them in params.yaml keys."""
+moves. They raise ``OptionError``s that carry the options they name; the stages name those by params.yaml keys."""
 
 from typing import Protocol
 
 import torch
 
 from stages.solvers.alps import alps
-from stages.solvers.base import QUANT_BITS, Compressed, Options, Quantized, QuantSpec
-from stages.solvers.gptq import gptq, gptq_shared
+from stages.solvers.base import QUANT_BITS, Compressed, OptionError, Options, Quantized, QuantSpec
+from stages.solvers.gptq import check_gptq, gptq, gptq_shared
 from stages.solvers.hessian import Prepared, hessian_from_sums, mixed_count, prepare_hessian
 from stages.solvers.magnitude import magnitude
 from stages.solvers.masks import parse_pattern
-from stages.solvers.sparsegpt import KERNELS, sparsegpt, sparsegpt_shared
+from stages.solvers.sparsegpt import KERNELS, check_obs, sparsegpt, sparsegpt_shared
 from stages.solvers.wanda import wanda
 
 
@@ -38,14 +38,23 @@ SOLVERS: dict[str, Solver] = {
 SHARED: dict[str, SharedSolver] = {"gptq": gptq_shared, "sparsegpt": sparsegpt_shared}
 # The OBS solvers round each weight while later columns can still compensate; the others only choose masks.
 QUANTIZERS = ("gptq", "sparsegpt")
+# Each solver's own rules on its options, where it has any beyond these.
+CHECKS = {"gptq": check_gptq, "sparsegpt": check_obs}
 
 
 def check_solver(name: str, opts: Options) -> None:
-    """``name`` is a solver, and one that can honour ``opts.quant``."""
+    """``name`` is a solver that can honour ``opts``: the one home of the compatibility rules, which the stages
+    check before any model is read."""
     if name not in SOLVERS:
-        raise ValueError(f"pruner={name!r} is unknown; choose one of {sorted(SOLVERS)}")
+        raise OptionError("{pruner} is unknown; choose one of {choices}", {"pruner": name}, choices=sorted(SOLVERS))
     if opts.quant is not None and name not in QUANTIZERS:
-        raise ValueError(f"pruner={name!r} does not quantize; quantize with one of {list(QUANTIZERS)}")
+        raise OptionError(
+            "{pruner} does not quantize, but {bits}; quantize with one of {choices}, or set the bits to null",
+            {"pruner": name, "bits": opts.quant.bits},
+            choices=list(QUANTIZERS),
+        )
+    if name in CHECKS:
+        CHECKS[name](opts)
 
 
 def solve(name: str, W: torch.Tensor, H: torch.Tensor, opts: Options) -> Compressed:
@@ -70,6 +79,7 @@ __all__ = [
     "SHARED",
     "SOLVERS",
     "Compressed",
+    "OptionError",
     "Options",
     "Prepared",
     "QuantSpec",

@@ -1,7 +1,8 @@
 """What every solver reads (``Options``) and returns (``Compressed``), the loss it reports, and exact prune counts."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -57,6 +58,21 @@ class Compressed(NamedTuple):
     quant: Quantized | None  # None: Ŵ is not quantized
 
 
+class OptionError(ValueError):
+    """Options a solver cannot use. ``template`` names each option as ``{name}``, given in ``options`` and written
+    ``name=value``, so a stage can name the option by its params key (``render``) without parsing the text;
+    ``values`` fill the template's other fields as they are."""
+
+    def __init__(self, template: str, options: Mapping[str, Any], **values: Any) -> None:
+        self.template, self.options, self.values = template, dict(options), values
+        super().__init__(self.render({}))
+
+    def render(self, keys: Mapping[str, str]) -> str:
+        """The message with each option called ``keys[name]`` (its own name where ``keys`` has none)."""
+        named = {name: f"{keys.get(name, name)}={value!r}" for name, value in self.options.items()}
+        return self.template.format(**named, **self.values)
+
+
 def check_shapes(W: torch.Tensor, H: torch.Tensor) -> None:
     """W [out, in] and H [in, in] belong together."""
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
@@ -76,14 +92,14 @@ def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
 def n_pruned(sparsity: float, numel: int) -> int:
     """How many of ``numel`` weights to prune at ``sparsity``: round(sparsity·numel)."""
     if not 0 <= sparsity <= 1:
-        raise ValueError(f"sparsity={sparsity!r} is outside [0, 1]; pass a fraction such as 0.5")
+        raise OptionError("{sparsity} is outside [0, 1]; pass a fraction such as 0.5", {"sparsity": sparsity})
     return round(sparsity * numel)
 
 
 def block_counts(sparsity: float, rows: int, columns: int, block_size: int) -> list[int]:
     """Per-column-block prune counts whose sum is exactly n_pruned(sparsity, rows·columns)."""
     if block_size <= 0:
-        raise ValueError(f"block_size={block_size!r} must be > 0")
+        raise OptionError("{block_size} must be > 0", {"block_size": block_size})
     # Differences of cumulative targets telescope, so rounding never drifts across blocks.
     return [
         n_pruned(sparsity, rows * min(c0 + block_size, columns)) - n_pruned(sparsity, rows * c0)

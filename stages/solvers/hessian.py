@@ -4,6 +4,8 @@ from typing import NamedTuple
 
 import torch
 
+from stages.solvers.base import OptionError
+
 # Each escalation multiplies the damping by 10, so 6 of them reach 10⁶ × the requested fraction.
 MAX_ESCALATIONS = 6
 
@@ -21,10 +23,19 @@ def mixed_count(counts: dict[str, int], mix: dict[str, float]) -> float:
     """Σ_s mix[s]·counts[s], the weighted number of tokens behind H; it must be positive."""
     missing = sorted(s for s in mix if s not in counts)
     if missing:
-        raise ValueError(f"mix={mix!r} names segments {missing} absent from the counts {sorted(counts)}")
+        raise OptionError(
+            "{mix} names segments {missing} absent from the counts {have}",
+            {"mix": mix},
+            missing=missing,
+            have=sorted(counts),
+        )
     n = sum(mix[s] * counts[s] for s in mix)
     if not n > 0:
-        raise ValueError(f"mix={mix!r} with counts={counts!r} weighs 0 tokens; give weight to a segment with tokens")
+        raise OptionError(
+            "{mix} with counts {counts} weighs 0 tokens; give weight to a segment with tokens",
+            {"mix": mix},
+            counts=counts,
+        )
     return n
 
 
@@ -35,7 +46,12 @@ def hessian_from_sums(xtx: dict[str, torch.Tensor], counts: dict[str, int], mix:
     used = [s for s in mix if counts[s] > 0 and mix[s] > 0]
     missing = sorted(s for s in used if s not in xtx)
     if missing:
-        raise ValueError(f"mix={mix!r} names segments {missing} with tokens but absent from the sums {sorted(xtx)}")
+        raise OptionError(
+            "{mix} names segments {missing} with tokens but absent from the sums {have}",
+            {"mix": mix},
+            missing=missing,
+            have=sorted(xtx),
+        )
     dtype = torch.float64 if any(xtx[s].dtype == torch.float64 for s in used) else torch.float32
     H = torch.zeros_like(xtx[used[0]], dtype=dtype)  # [in, in]
     for s in used:
@@ -73,7 +89,10 @@ def prepare_hessian(H: torch.Tensor, damp: float) -> Prepared:
                 return Prepared(U, dead, damp_used, escalations)
         if escalations < MAX_ESCALATIONS:
             damp_used *= 10
-    raise ValueError(
-        f"Cholesky of H failed even at damp={damp_used!r} (after {MAX_ESCALATIONS} ×10 escalations from "
-        f"damp={damp!r}); H is far from positive definite or not finite"
+    raise OptionError(
+        "Cholesky of H failed even at damp={used!r} (after {n} ×10 escalations from {damp}); H is far from "
+        "positive definite or not finite",
+        {"damp": damp},
+        used=damp_used,
+        n=MAX_ESCALATIONS,
     )

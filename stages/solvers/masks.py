@@ -5,7 +5,7 @@ import re
 
 import torch
 
-from stages.solvers.base import n_pruned
+from stages.solvers.base import OptionError, n_pruned
 
 # Sparsity is a float typed by hand (`-S sparsity=0.5`), so N/M only has to match to this absolute tolerance.
 SPARSITY_ATOL = 1e-6
@@ -15,22 +15,30 @@ def parse_pattern(pattern: str, sparsity: float) -> tuple[int, int] | None:
     """(N, M) for an "N:M" pattern (N pruned in every M consecutive inputs), None for "unstructured"."""
     if not isinstance(pattern, str):
         # Unquoted in YAML 1.1, 2:4 is the base-60 integer 124.
-        raise ValueError(f"pattern={pattern!r} is not a string; quote it, e.g. pattern: '2:4'")
+        raise OptionError("{pattern} is not a string; quote it, e.g. pattern: '2:4'", {"pattern": pattern})
     if pattern == "unstructured":
         return None
     match = re.fullmatch(r"(\d+):(\d+)", pattern)
     if match is None:
-        raise ValueError(f"pattern={pattern!r} is neither 'unstructured' nor 'N:M' with integers; use e.g. '2:4'")
+        raise OptionError(
+            "{pattern} is neither 'unstructured' nor 'N:M' with integers; use e.g. '2:4'", {"pattern": pattern}
+        )
     n, m = int(match[1]), int(match[2])
     if n < 1:
-        raise ValueError(f"pattern={pattern!r} prunes N={n} per group; N must be at least 1, e.g. '2:4'")
+        raise OptionError(
+            "{pattern} prunes N={n} per group; N must be at least 1, e.g. '2:4'", {"pattern": pattern}, n=n
+        )
     if m < 2:
-        raise ValueError(f"pattern={pattern!r} has groups of M={m}; M must be at least 2, e.g. '2:4'")
+        raise OptionError("{pattern} has groups of M={m}; M must be at least 2, e.g. '2:4'", {"pattern": pattern}, m=m)
     if n >= m:
-        raise ValueError(f"pattern={pattern!r} prunes N={n} of every M={m}; N must be below M, e.g. '2:4'")
+        raise OptionError(
+            "{pattern} prunes N={n} of every M={m}; N must be below M, e.g. '2:4'", {"pattern": pattern}, n=n, m=m
+        )
     if not math.isclose(sparsity, n / m, rel_tol=0, abs_tol=SPARSITY_ATOL):
-        raise ValueError(
-            f"sparsity={sparsity!r} contradicts pattern={pattern!r} (which prunes {n / m!r}); set sparsity to {n / m!r}"
+        raise OptionError(
+            "{sparsity} contradicts {pattern} (which prunes {nm!r}); set sparsity to {nm!r}",
+            {"sparsity": sparsity, "pattern": pattern},
+            nm=n / m,
         )
     return n, m
 
@@ -39,9 +47,12 @@ def layer_pattern(pattern: str, sparsity: float, in_features: int) -> tuple[int,
     """parse_pattern, and check that the layer's inputs split into whole groups of M."""
     nm = parse_pattern(pattern, sparsity)
     if nm is not None and in_features % nm[1] != 0:
-        raise ValueError(
-            f"pattern={pattern!r} needs in_features divisible by {nm[1]}, but this layer has {in_features}; "
-            f"use 'unstructured' or a pattern whose M divides {in_features}"
+        raise OptionError(
+            "{pattern} needs in_features divisible by {m}, but this layer has {n}; use 'unstructured' or a pattern "
+            "whose M divides {n}",
+            {"pattern": pattern},
+            m=nm[1],
+            n=in_features,
         )
     return nm
 

@@ -2,22 +2,20 @@
 
 import torch
 
-from stages.solvers.base import QUANT_BITS, Quantized, QuantSpec
+from stages.solvers.base import QUANT_BITS, OptionError, Quantized, QuantSpec
 
 
-def check_spec(spec: QuantSpec, in_features: int, block_size: int) -> None:
-    """The grid fits a layer of ``in_features`` inputs walked in lazy batches of ``block_size`` columns."""
+def check_spec(spec: QuantSpec, in_features: int) -> None:
+    """The grid fits a layer of ``in_features`` inputs."""
     if spec.bits not in QUANT_BITS:
-        raise ValueError(f"bits={spec.bits!r} is not supported; choose one of {list(QUANT_BITS)}")
+        raise OptionError(
+            "{bits} is not supported; choose one of {choices}", {"bits": spec.bits}, choices=list(QUANT_BITS)
+        )
     g = spec.group_size
     if g is None:
         return
     if g <= 0 or in_features % g:
-        raise ValueError(f"group_size={g!r} does not divide the layer's {in_features} inputs")
-    # A dynamic group opens inside the batch that holds it, so its scale is read from fully compensated weights
-    # (act order's groups are static: read from W before any update).
-    if not spec.act_order and block_size % g:
-        raise ValueError(f"block_size={block_size!r} is not a multiple of group_size={g!r}")
+        raise OptionError("{group_size} does not divide the layer's {n} inputs", {"group_size": g}, n=in_features)
 
 
 def find_params(W: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,12 +3,43 @@ reference's ``wbits``), as in the IST-DASLab reference; ``obs`` is also the loop
 
 import torch
 
-from stages.solvers.base import Compressed, Options, block_counts, check_shapes, layer_loss
+from stages.solvers.base import Compressed, OptionError, Options, block_counts, check_shapes, layer_loss
 from stages.solvers.hessian import prepare_hessian
 from stages.solvers.masks import keep_nm, keep_smallest_pruned, layer_pattern
 from stages.solvers.quant import Grid, check_spec, quantize
 
 KERNELS = ("torch", "triton")
+
+
+def check_obs(opts: Options) -> None:
+    """The OBS loop's rules for kernel, pattern and grid, which hold for every layer (the stages check them before
+    any model is read; a layer's own width is checked as it is solved)."""
+    if opts.kernel not in KERNELS:
+        raise OptionError("{kernel} is unknown; choose one of {choices}", {"kernel": opts.kernel}, choices=KERNELS)
+    spec = opts.quant
+    if spec is None:
+        return
+    if opts.kernel == "triton":
+        raise OptionError(
+            "{kernel} prunes without quantizing, but {bits}; quantization runs in kernel 'torch' (or 'auto')",
+            {"kernel": opts.kernel, "bits": spec.bits},
+        )
+    if spec.act_order and opts.pattern != "unstructured" and opts.sparsity > 0:
+        raise OptionError(
+            "{act_order} visits inputs out of order, which breaks the N:M groups of {pattern}; set it false or the "
+            "pattern unstructured",
+            {"act_order": True, "pattern": opts.pattern},
+        )
+    g = spec.group_size
+    if g is not None and not spec.act_order and opts.block_size % g:
+        # A dynamic group opens inside the batch that holds it, so its scale is read from fully compensated weights
+        # (act order's groups are static: read from W before any update).
+        raise OptionError(
+            "{block_size} is not a multiple of {group_size}: a group must open inside one lazy batch; set the block "
+            "size to {fit}",
+            {"block_size": opts.block_size, "group_size": g},
+            fit=g * max(1, round(opts.block_size / g)),
+        )
 
 
 def obs_block(
@@ -62,23 +93,20 @@ def obs(Ws: list[torch.Tensor], H: torch.Tensor, opts: Options, sparsity: float)
     result is each member's own solve."""
     for W in Ws:
         check_shapes(W, H)
-    if opts.kernel not in KERNELS:
-        raise ValueError(f"kernel={opts.kernel!r} is unknown; choose one of {sorted(KERNELS)}")
+    spec = opts.quant
+    if spec is not None:
+        check_spec(spec, H.shape[0])
+    check_obs(opts)
     rows = [W.shape[0] for W in Ws]
     in_ = H.shape[0]
     nm = layer_pattern(opts.pattern, sparsity, in_) if sparsity > 0 else None
     if nm is not None and opts.block_size % nm[1] != 0:
-        raise ValueError(
-            f"block_size={opts.block_size} must be a multiple of M={nm[1]} for pattern={opts.pattern!r}; "
-            f"use e.g. {max(opts.block_size // nm[1], 1) * nm[1]}"
+        raise OptionError(
+            "{block_size} must be a multiple of M={m} for {pattern}; use e.g. {fit}",
+            {"block_size": opts.block_size, "pattern": opts.pattern},
+            m=nm[1],
+            fit=max(opts.block_size // nm[1], 1) * nm[1],
         )
-    spec = opts.quant
-    if spec is not None:
-        check_spec(spec, in_, opts.block_size)
-        if opts.kernel == "triton":
-            raise ValueError("the Triton kernel prunes without quantizing; quantization runs in kernel='torch'")
-        if spec.act_order and nm is not None:
-            raise ValueError(f"act_order visits inputs out of order, which breaks the {opts.pattern} groups")
     if opts.kernel == "triton":
         from stages.kernels.sparsegpt_block import obs_block_triton as block_step  # triton only when asked for
     else:
