@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download
+from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -83,7 +84,8 @@ def _require_dir(path: Path) -> None:
 
 
 def check_model_dir(path: Path) -> None:
-    """``path`` holds a loadable config, whole safetensors weights and a tokenizer; else a one-line error."""
+    """``path`` holds a loadable config, whole and finite safetensors weights for every parameter, and a tokenizer;
+    else a one-line error."""
     where = f"model directory {str(path)!r}"
     _require_dir(path)
     config = _read_json(path / "config.json", where)
@@ -106,6 +108,46 @@ def check_model_dir(path: Path) -> None:
         if missing:
             raise RacError(f"{where} lacks weight shards {missing[:3]} named by its index; download them again")
     _read_json(path / "tokenizer.json", where)
+    check_weights(path, weights)
+
+
+_WEIGHTS_CHECKED: set[tuple[str, tuple[tuple[str, int, int], ...]]] = set()
+
+
+def check_weights(path: Path, files: list[Path]) -> None:
+    """``files`` hold every parameter ``path``'s architecture declares (a packed ``weight_packed`` stands for its
+    ``weight``) and every floating tensor in them is finite; else a one-line error naming the tensor. vLLM would
+    serve an absent weight as zeros, and a NaN poisons every sum downstream, both without a word. Checked once per
+    process for files of unchanged size and mtime."""
+    key = (str(path.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key in _WEIGHTS_CHECKED:
+        return
+    where = f"model directory {str(path)!r}"
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names.update(f.keys())
+    transformers_logging.disable_progress_bar()
+    try:
+        with torch.device("meta"):  # the architecture's parameters, no memory; tied weights are named once
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    except (ValueError, KeyError, TypeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RacError(f"{where}: transformers cannot build a causal LM from its config ({first}); {FIX_SAVE}") from err
+    absent = [n for n, _ in skeleton.named_parameters() if n not in names and f"{n}_packed" not in names]
+    if absent:
+        raise RacError(f"{where} lacks weights {absent[:3]} ({len(absent)} in all); {FIX_SAVE}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            stored = f.keys()
+            for name in stored:
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise RacError(
+                        f"{where}: weight {name!r} in {file.name} holds NaN or infinite values; the checkpoint is "
+                        "corrupt: download or export it again"
+                    )
+    _WEIGHTS_CHECKED.add(key)
 
 
 def _read_json(file: Path, where: str) -> Any:

@@ -143,9 +143,16 @@ class HessianWriter:
         self, layer: int, name: str, members: list[str], xtx: dict[str, np.ndarray], n_tokens: dict[str, int]
     ) -> None:
         """Write the upper triangles of the per-segment sums ``xtx[segment]`` [d, d] and the token counts of one
-        group; a segment of no tokens gets no array (``xtx`` may lack it)."""
+        group; a segment of no tokens gets no array (``xtx`` may lack it). Non-finite sums are a one-line error."""
         assert self.root is not None
-        group = self.root.require_group(f"layers/{layer}/{name}")
+        key = f"layers/{layer}/{name}"
+        for segment in (s for s in SEGMENT_IDS if n_tokens[s] > 0):
+            if not np.isfinite(xtx[segment]).all():  # refused here, so no store is ever sealed around them
+                raise RacError(
+                    f"Hessian build {str(self.build)!r}: group {key!r} has non-finite {segment} sums (the model's "
+                    "activations overflow float32 on this calibration); check the model's weights, nothing was stored"
+                )
+        group = self.root.require_group(key)
         for segment in (s for s in SEGMENT_IDS if n_tokens[s] > 0):
             d = xtx[segment].shape[0]
             with numcodecs_quiet():

@@ -66,6 +66,15 @@ def _invoke(*args: str) -> Any:
     return CliRunner().invoke(main, list(args))
 
 
+def _fails_after_progress(result: Any, *needles: str) -> None:
+    """Exit 2 and a one-line error as the last stderr line (progress bars of the work done may come before it)."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("rac: error: ") and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in last, (needle, last)
+
+
 # ---------------------------------------------------------------- params and presets
 
 
@@ -227,6 +236,12 @@ def _broken_models(tiny: Path, root: Path) -> dict[str, tuple[Path, str]]:
     del weights[next(k for k in weights if "down_proj" in k)]
     save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
     cases["checkpoint missing a weight"] = (d, "lacks weights")
+    d = copy("nan-weight")
+    weights = load_file(d / "model.safetensors")
+    name = next(k for k in weights if "layers.1.mlp.up_proj" in k)
+    weights[name][3, 5] = float("nan")
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    cases["a NaN weight"] = (d, f"weight {name!r} in model.safetensors holds NaN")
     return cases
 
 
@@ -247,13 +262,12 @@ BROKEN = [
     "invalid tokenizer.json",
     "a file",
     "checkpoint missing a weight",
+    "a NaN weight",
 ]
 
 
 @pytest.mark.parametrize(
-    ("case", "stage"),
-    # prune checks the store's fingerprint before loading weights: a checkpoint missing a weight has another one
-    [(c, s) for c in BROKEN for s in ("prune", "evaluate", "hessians", "rollout") if (c, s) != (BROKEN[-1], "prune")],
+    ("case", "stage"), [(c, s) for c in BROKEN for s in ("prune", "evaluate", "hessians", "rollout")]
 )
 def test_broken_model_directories_are_one_line(
     in_tmp: Path,
@@ -263,8 +277,10 @@ def test_broken_model_directories_are_one_line(
     case: str,
     stage: str,
 ) -> None:
+    """Every stage checks a model directory the same way before it loads anything: evaluate and rollout on vLLM
+    (which would serve an absent weight as zeros, and exit 0), hessians and prune on the layer walk."""
     model, needle = broken_models[case]
-    params = str(params_file(model, {"rollout": {"backend": "hf"}, "evaluate": {"backend": "hf"}}))
+    params = str(params_file(model))
     calib = _calibration(in_tmp / "calib.parquet", 2, 8)
     args = {
         "prune": ["prune", "--params", params, "--hessians", "h.zarr", "--out", "out"],
@@ -272,12 +288,7 @@ def test_broken_model_directories_are_one_line(
         "hessians": ["hessians", "--params", params, "--calib", str(calib), "--out", "out"],
         "rollout": ["rollout", "--params", params, "--out", "out"],
     }[stage]
-    result = _invoke(*args)
-    if case == "checkpoint missing a weight":  # transformers prints its loading bar before the check can run
-        assert result.exit_code == 2 and result.stderr.splitlines()[-1].startswith("rac: error: "), result.output
-        assert needle in result.stderr.splitlines()[-1]
-    else:
-        assert_bad_input(result, needle, str(model))
+    assert_bad_input(_invoke(*args), needle, str(model))
     assert not (in_tmp / "out").exists() and not (in_tmp / ".rac").exists()
 
 
@@ -617,3 +628,23 @@ def test_interrupt_exits_130_and_the_rerun_resumes(
     for g in store.groups():  # layers summed in another process: equal up to fp32 summation order
         for s, x in store.sums(g).items():
             np.testing.assert_allclose(x, fresh.sums(g)[s], rtol=1e-5, atol=1e-6 * np.abs(x).max())
+
+
+# ---------------------------------------------------------------- silent wrong results
+
+
+def test_sums_that_overflow_are_refused_before_the_store_is_sealed(
+    in_tmp: Path, params_file: Callable[..., Path], tiny_model_dir: Path
+) -> None:
+    """Finite weights whose activations overflow float32 (a norm scaled by 1e25: x·xᵀ ~ 1e50): the build stops at
+    the first non-finite sum, and neither a store nor a partial build is left to look complete."""
+    model = in_tmp / "overflow"
+    shutil.copytree(tiny_model_dir, model)
+    weights = load_file(model / "model.safetensors")
+    weights["model.layers.1.post_attention_layernorm.weight"] *= 1e25
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    params = str(params_file(model))
+    calib = _calibration(in_tmp / "calib.parquet", 3, 8)
+    result = _invoke("hessians", "--params", params, "--calib", str(calib), "--out", "h.zarr")
+    _fails_after_progress(result, "group 'layers/1/mlp.gate_proj' has non-finite prompt sums", "nothing was stored")
+    assert not (in_tmp / "h.zarr").exists() and not (in_tmp / ".rac").exists()
