@@ -4,13 +4,16 @@ Refusals run the real CLI in-process and assert one stderr line, exit 2, and not
 Survivals kill or interrupt real `rac` processes and check that the rerun gives the store a fresh run gives.
 """
 
+import base64
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import SHIPPED_PARAMS, assert_bad_input, save_tiny_qwen2
+from conftest import ROOT, SHIPPED_PARAMS, assert_bad_input, save_tiny_qwen2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -648,3 +651,80 @@ def test_sums_that_overflow_are_refused_before_the_store_is_sealed(
     result = _invoke("hessians", "--params", params, "--calib", str(calib), "--out", "h.zarr")
     _fails_after_progress(result, "group 'layers/1/mlp.gate_proj' has non-finite prompt sums", "nothing was stored")
     assert not (in_tmp / "h.zarr").exists() and not (in_tmp / ".rac").exists()
+
+
+# ---------------------------------------------------------------- hostile benchmark files
+
+_CODE_ROW = json.loads((ROOT / "tests" / "fixtures" / "code_easy.jsonl").read_text().splitlines()[0])
+
+
+def _pickled(raw: bytes) -> str:
+    return base64.b64encode(zlib.compress(raw)).decode()
+
+
+def _bad_benchmark(folder: Path, case: str) -> tuple[str, Path]:
+    """(kind, path) of a benchmark file broken as ``case`` says."""
+    jsonl = folder / "bench.jsonl"
+    rows: dict[str, tuple[str, Any]] = {
+        "problem null": ("math", {"problem": None, "answer": "1"}),
+        "answer a list": ("math", {"problem": "1+1?", "answer": [2]}),
+        "row not an object": ("math", [1, 2]),
+        "question_content a number": ("code", {**_CODE_ROW, "question_content": 7}),
+        "pickle AttributeError": ("code", {**_CODE_ROW, "private_test_cases": _pickled(b"\x80\x04K\x01K\x02a.")}),
+        "pickle TypeError": ("code", {**_CODE_ROW, "private_test_cases": _pickled(b"\x80\x04]]R.")}),
+        "pickle MemoryError": ("code", {**_CODE_ROW, "private_test_cases": _pickled(b"\x80\x04Nr\xff\xff\xff\xff.")}),
+        "tests repeated past 1 GB": (
+            "code",
+            {**_CODE_ROW, "private_test_cases": _pickled(pickle.dumps([{"input": "x" * 2**20, "output": ""}] * 1100))},
+        ),
+        "5000-digit tests": ("code", {**_CODE_ROW, "public_test_cases": "[" + "7" * 5000 + "]"}),
+    }
+    if case in rows:
+        kind, row = rows[case]
+        jsonl.write_text(json.dumps(row) + "\n")
+        return kind, jsonl
+    if case == "deeply nested line":
+        jsonl.write_text("[" * 200_000 + "]" * 200_000 + "\n")
+    elif case == "5000-digit answer":
+        jsonl.write_text('{"problem": "x", "answer": ' + "9" * 5000 + "}\n")
+    elif case == "not UTF-8":
+        jsonl.write_bytes(b'{"problem": "caf\xe9", "answer": "1"}\n')
+    elif case == "corrupt parquet":
+        parquet = folder / "bench.parquet"
+        pq.write_table(pa.table({"problem": ["1+1?"] * 50, "answer": ["2"] * 50}), parquet)
+        parquet.write_bytes(parquet.read_bytes()[:60] + b"\0" * 200 + parquet.read_bytes()[260:])
+        return "math", parquet
+    elif case == "a folder":
+        (folder / "bench.jsonl").mkdir()
+    return "math", jsonl
+
+
+@pytest.mark.parametrize(
+    ("case", "needles"),
+    [
+        ("problem null", ("row 0 problem=None is a NoneType, not str",)),
+        ("answer a list", ("row 0 answer=[2] is a list, not str or int",)),
+        ("row not an object", ("line 1", "not a JSON object")),
+        ("question_content a number", ("row 0 question_content=7 is a int, not str",)),
+        ("pickle AttributeError", ("refuses to load (AttributeError",)),
+        ("pickle TypeError", ("refuses to load (TypeError",)),
+        ("pickle MemoryError", ("refuses to load (MemoryError",)),
+        ("tests repeated past 1 GB", ("1100 MB of tests, over 1024 MB",)),
+        ("5000-digit tests", ("public_test_cases is JSON rac cannot read (ValueError", "4300")),
+        ("deeply nested line", ("line 1 of benchmark file", "RecursionError")),
+        ("5000-digit answer", ("line 1 of benchmark file", "JSON rac cannot read (ValueError")),
+        ("not UTF-8", ("is not UTF-8 text (byte 16)",)),
+        ("corrupt parquet", ("is not readable Parquet",)),
+        ("a folder", ("is a folder",)),
+    ],
+)
+def test_hostile_benchmark_files_are_one_line(
+    in_tmp: Path, params_file: Callable[..., Path], tiny_model_dir: Path, case: str, needles: tuple[str, ...]
+) -> None:
+    kind, path = _bad_benchmark(in_tmp, case)
+    spec = {"kind": kind, "path": str(path), "split": "test", "instruction": ""}
+    spec["extractor"], spec["pattern"] = ("last_code_block" if kind == "code" else "boxed"), None
+    params = params_file(tiny_model_dir, {"benchmarks": {"bad": spec}, "task": "bad"})
+    result = _invoke("evaluate", "--params", str(params), "--model", str(tiny_model_dir), "--out", "out")
+    assert_bad_input(result, str(path), *needles)
+    assert not (in_tmp / "out").exists()
