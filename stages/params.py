@@ -300,6 +300,18 @@ class QuantParams:
         return QuantSpec(self.bits, self.group_size, self.symmetric, self.act_order)
 
 
+# Sane ranges of the sandbox limits. Python and LiveCodeBench's preloaded modules need ~32 MB of address space
+# and tens of ms to start; past an hour of wall or CPU time per test a graded run is a hang.
+SANDBOX_BOUNDS = {
+    "wall_seconds": (1, 3600),
+    "cpu_seconds": (1, 3600),
+    "memory_mb": (128, 2**20),
+    "processes": (1, 4096),
+    "file_mb": (1, 4096),
+    "workers": (1, 256),
+}
+
+
 @dataclass(frozen=True)
 class SandboxParams:
     """How the programs of a code benchmark run when they are graded (stages/sandbox.py)."""
@@ -312,8 +324,13 @@ class SandboxParams:
     workers: int
 
     def check(self) -> None:
-        for name in ("wall_seconds", "cpu_seconds", "memory_mb", "processes", "file_mb", "workers"):
-            _positive(f"sandbox.{name}", getattr(self, name))
+        for name, (low, high) in SANDBOX_BOUNDS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise RacError(
+                    f"sandbox.{name}={value!r} is outside [{low}, {high}]: below, the Python interpreter cannot start "
+                    "and every program fails; above, it limits nothing (or overflows the kernel's limit)"
+                )
 
     @property
     def limits(self) -> Limits:

@@ -5,6 +5,7 @@ Survivals kill or interrupt real `rac` processes and check that the rerun gives 
 """
 
 import base64
+import dataclasses
 import json
 import os
 import pickle
@@ -35,9 +36,11 @@ from stages.errors import RacError
 from stages.hessians import partial_dir, run
 from stages.layers import Skeleton
 from stages.models import fingerprint
-from stages.params import load_params
+from stages.params import SANDBOX_BOUNDS, load_params
+from stages.sandbox import Limits
 from stages.schemas import CALIBRATION, TRACES, read_parquet, tmp_sibling, write_parquet
 from stages.store import HessianStore, HessianWriter
+from stages.tasks.code import CodeFile, judge
 from stages.workspace import build_lock, leftovers
 
 RAC = [str(Path(sys.executable).parent / "rac")]
@@ -100,8 +103,14 @@ def _params_text(tmp_path: Path, text: str | bytes) -> Path:
         (lambda t: t.replace("budget_tokens: 16384", "budget_tokens: 4294967296"), ("below 2**31",)),
         (lambda t: t.replace("sources: [generic, prompt, rac]", "sources: [rac, 5]"), ("sources[1]=5", "str")),
         (lambda t: t.replace("seed: 0\n", "seed: true\n", 1), ("toy.seed=True", "int")),
+        (lambda t: t.replace("memory_mb: 2048 ", f"memory_mb: {10**30} "), (f"sandbox.memory_mb={10**30}", "outside")),
+        (lambda t: t.replace("memory_mb: 2048 ", "memory_mb: 16 "), ("sandbox.memory_mb=16 is outside [128,",)),
+        (lambda t: t.replace("wall_seconds: 6 ", "wall_seconds: 0.001 "), ("sandbox.wall_seconds=0.001",)),
     ],
-    ids=["syntax", "duplicate", "mix-text", "overrides-text", "damp-huge", "damp-nan", "inf", "budget", "list", "bool"],
+    ids=[
+        *("syntax", "duplicate", "mix-text", "overrides-text", "damp-huge", "damp-nan", "inf", "budget", "list"),
+        *("bool", "sandbox-memory-huge", "sandbox-memory-tiny", "sandbox-wall-tiny"),
+    ],
 )
 def test_params_mistakes_are_one_line(in_tmp: Path, edit: Callable[[str], str], needles: tuple[str, ...]) -> None:
     params = _params_text(in_tmp, edit(SHIPPED_PARAMS.read_text()))
@@ -728,3 +737,16 @@ def test_hostile_benchmark_files_are_one_line(
     result = _invoke("evaluate", "--params", str(params), "--model", str(tiny_model_dir), "--out", "out")
     assert_bad_input(result, str(path), *needles)
     assert not (in_tmp / "out").exists()
+
+
+def test_the_smallest_sandbox_limits_params_accept_still_run_a_program() -> None:
+    """The lower bounds of sandbox.* are not a silent 0: a program at every lower bound passes its tests."""
+    bounds = {name: low for name, (low, _) in SANDBOX_BOUNDS.items()}
+    limits = Limits(*(bounds[f.name] for f in dataclasses.fields(Limits)))
+    item = CodeFile(str(ROOT / "tests" / "fixtures" / "code_easy.jsonl"), "test").items(1, 0)[0]
+    row = next(
+        json.loads(line)
+        for line in (ROOT / "tests" / "fixtures" / "code_easy.jsonl").read_text().splitlines()
+        if json.loads(line)["question_content"] in item.text
+    )
+    assert judge(row["reference_solution"], item.answer, limits).verdict == "passed"
