@@ -223,6 +223,37 @@ def load_model(model: str, device: torch.device) -> PreTrainedModel:
     return loaded.to(device).eval()
 
 
+# Config keys that bound a model's context, as vLLM reads them (the smallest wins), and the RoPE types whose
+# ``factor`` vLLM does not apply again (their max_position_embeddings is already the scaled length).
+_CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+_PRESCALED_ROPE = ("default", "su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def context_length(directory: Path) -> tuple[int, str] | None:
+    """The most tokens (prompt plus completion) the model in ``directory`` takes, and the config key that says so,
+    as vLLM derives it; None when its config names no length."""
+    config = AutoConfig.from_pretrained(directory).get_text_config()
+    found = [(getattr(config, k), k) for k in _CONTEXT_KEYS if isinstance(getattr(config, k, None), int)]
+    if not found:
+        return None
+    length, key = min(found)
+    rope = getattr(config, "rope_parameters", None) or {}
+    scaled = isinstance(rope, dict) and rope.get("rope_type", "default") not in _PRESCALED_ROPE
+    if scaled and isinstance(rope.get("factor"), int | float):
+        length, key = int(length * rope["factor"]), f"{key} × rope factor {rope['factor']}"
+    return length, key
+
+
 def compute_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -750,3 +750,36 @@ def test_the_smallest_sandbox_limits_params_accept_still_run_a_program() -> None
         if json.loads(line)["question_content"] in item.text
     )
     assert judge(row["reference_solution"], item.answer, limits).verdict == "passed"
+
+
+# ---------------------------------------------------------------- tracebacks that are now one line
+
+
+@pytest.mark.parametrize(
+    ("task", "max_new_tokens", "needles"),
+    [
+        # the shipped code benchmark on the embedded model: each prompt alone passes its 512 positions
+        ("code_easy", 256, ("max_new_tokens=256 is", "beyond the 512-token context", "the prompt alone is too long")),
+        (
+            "arithmetic",
+            500,
+            ("max_new_tokens=500 is", "beyond the 512-token context", "lower evaluate.max_new_tokens to"),
+        ),
+    ],
+    ids=["code_easy", "arithmetic"],
+)
+def test_context_length_is_checked_before_any_engine_starts(
+    in_tmp: Path, params_file: Callable[..., Path], task: str, max_new_tokens: int, needles: tuple[str, ...]
+) -> None:
+    """On vLLM (the default backend) this was a pydantic ValidationError after the engine's start-up."""
+    shipped = yaml.safe_load(SHIPPED_PARAMS.read_text())["benchmarks"]
+    benchmarks = {"code_easy": {**shipped["code_easy"], "path": str(ROOT / shipped["code_easy"]["path"])}}
+    overrides = {
+        "task": task,
+        "benchmarks": benchmarks,
+        "evaluate": {"max_new_tokens": max_new_tokens, "n_problems": 8},
+    }
+    params = params_file(ROOT / "data" / "embedded", overrides)
+    result = _invoke("evaluate", "--params", str(params), "--dense", "--out", "out")
+    assert_bad_input(result, *needles)
+    assert not (in_tmp / "out").exists()
