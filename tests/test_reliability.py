@@ -6,9 +6,11 @@ Survivals kill or interrupt real `rac` processes and check that the rerun gives 
 
 import base64
 import dataclasses
+import errno
 import json
 import os
 import pickle
+import resource
 import shutil
 import signal
 import subprocess
@@ -31,10 +33,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from stages import store as store_module
 from stages.cli import main
 from stages.errors import RacError
 from stages.hessians import partial_dir, run
-from stages.layers import Skeleton
+from stages.layers import LayerWalk, Skeleton
 from stages.models import fingerprint
 from stages.params import SANDBOX_BOUNDS, load_params
 from stages.sandbox import Limits
@@ -504,14 +507,104 @@ def test_a_second_build_of_the_same_inputs_is_refused(
 def test_a_failed_build_removes_its_partial_build(
     in_tmp: Path, params_file: Callable[..., Path], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A failure that is not the disk's (here an I/O error of the device) removes the partial build: its layers
+    cannot be trusted. A full disk keeps them (`test_disk_faults_keep_the_finished_build`)."""
+
     def fail(*_args: object) -> None:
-        raise OSError("No space left on device")
+        raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(HessianWriter, "seal", fail)
     params = params_file(tiny_model_dir)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="Input/output error"):
         run(load_params(params), _calibration(in_tmp / "calib.parquet", 3, 8), in_tmp / "h.zarr", 1)
     assert not (in_tmp / ".rac").exists() and not (in_tmp / "h.zarr").exists()
+
+
+def _fault(monkeypatch: pytest.MonkeyPatch, where: str, out: Path) -> None:
+    """Make the publish of a store at ``out`` fail as a full disk or a read-only folder would, at ``where``."""
+    if where == "read-only out":  # the folder of --out refuses the staged build before anything moves
+
+        def refuse(build: Path, dest: Path) -> Path:
+            raise OSError(errno.EROFS, "Read-only file system", str(dest.parent))
+
+        monkeypatch.setattr(store_module, "stage_beside", refuse)
+    elif where == "disk full marking complete":  # after the build was moved beside --out
+
+        def full(path: Path) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path / "zarr.json"))
+
+        monkeypatch.setattr(store_module, "mark_complete", full)
+    else:  # the last rename, onto an old store at --out, is refused once
+        real, calls = os.replace, []
+
+        def replace(src: str | Path, dst: str | Path) -> None:
+            if Path(dst) == out and not calls:
+                calls.append(src)
+                raise OSError(errno.EACCES, "Permission denied", str(dst))
+            real(src, dst)
+
+        monkeypatch.setattr(store_module.os, "replace", replace)
+
+
+@pytest.mark.parametrize("where", ["read-only out", "disk full marking complete", "refused rename onto an old store"])
+def test_disk_faults_keep_the_finished_build(
+    in_tmp: Path, params_file: Callable[..., Path], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A disk or permission fault while publishing: one line, --out as it was (absent, or the old store), the sealed
+    build kept; the rerun publishes it without a single forward pass and it equals a fresh build."""
+    params = str(params_file(tiny_model_dir))
+    calib = _calibration(in_tmp / "calib.parquet", 3, 8)
+    out = in_tmp / "h.zarr"
+    args = ["hessians", "--params", params, "--calib", str(calib), "--out", str(out)]
+    forwards: list[int] = []
+    real_forward = LayerWalk.forward
+    monkeypatch.setattr(LayerWalk, "forward", lambda *a, **k: forwards.append(1) or real_forward(*a, **k))
+    assert _invoke(*args[:-1], "fresh.zarr").exit_code == 0
+    assert len(forwards) == 2  # the tiny model's two layers: the counter sees the walk
+    if where.endswith("old store"):
+        assert _invoke(*args[:4], str(_calibration(in_tmp / "old.parquet", 2, 8, seed=9)), *args[-2:]).exit_code == 0
+        old = HessianStore(out, None).files
+    with monkeypatch.context() as patch:
+        _fault(patch, where, out)
+        result = _invoke(*args)
+    _fails_after_progress(result, "cannot write", "the finished layers are kept in", "the rerun resumes")
+    work = partial_dir(calib, load_params(Path(params)), fingerprint(str(tiny_model_dir)), out)
+    assert (work / "store.zarr" / "manifest.json").is_file()
+    assert sorted(p.name for p in in_tmp.iterdir() if ".tmp-" in p.name) == []
+    if where.endswith("old store"):
+        assert HessianStore(out, None).files == old
+    else:
+        assert not out.exists()
+
+    forwards.clear()
+    rerun = _invoke(*args)
+    assert rerun.exit_code == 0, rerun.output
+    assert forwards == []
+    _stores_identical(out, in_tmp / "fresh.zarr")
+    assert not (in_tmp / ".rac").exists()
+
+
+def test_a_full_disk_is_one_line_and_writes_nothing(in_tmp: Path, params_file: Callable[..., Path]) -> None:
+    """A real fault, no mock: `rac` under RLIMIT_FSIZE (the kernel refuses any write past 64 bytes, as a full disk
+    refuses the next block), writing its identity record."""
+    params = params_file(ROOT / "data" / "embedded")
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+
+    result = subprocess.run(
+        [*RAC, "model", "--params", str(params), "--out", "data/model/identity.json"],
+        cwd=in_tmp,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "rac: error: cannot write: File too large; free disk space or make the folder writable (or point --out "
+        "elsewhere), then rerun"
+    ]
+    assert [p for p in (in_tmp / "data").rglob("*") if p.is_file()] == []
 
 
 def test_clean_removes_what_dead_runs_left_and_keeps_running_ones(in_tmp: Path) -> None:
