@@ -33,12 +33,14 @@ def generate(
     """``n`` completions for each prompt (token ids), sampled with ``s`` by ``s.backend``; vLLM runs with
     ``engine``'s settings."""
     directory = model_dir(model)  # a broken model is a one-line error before an engine starts (theirs are not)
-    check_context(model, directory, max(len(p) for p in prompts), s, engine)
+    longest = max(len(p) for p in prompts)
     if s.backend == "hf":
+        check_context(model, directory, longest, s, engine)
         return _generate_hf(model, prompts, s, n)
     on_gpu = torch.cuda.is_available()
-    kwargs = engine_kwargs(engine, on_gpu, engine_fields(), max(len(p) for p in prompts) + s.max_new_tokens)
+    kwargs = engine_kwargs(engine, on_gpu, engine_fields(), longest + s.max_new_tokens)
     check_quantized(directory, kwargs, on_gpu)
+    check_context(model, directory, longest, s, engine)
     if not on_gpu:
         cpu_environment(engine.cpu_threads)
     if engine.data_parallel_size == 1:
