@@ -94,6 +94,28 @@ def layer_sums(
         del accumulators  # before the next layer's are allocated
 
 
+# More chunk files than this make a build, and DVC's hashing and transfers of the store, crawl (155k files of a
+# chunk-1 store took 150 s to write on the embedded model; a 7B store at the default 2048 is ~6.6k files).
+MAX_STORE_FILES = 50_000
+
+
+def check_chunk(skeleton: Skeleton, groups: list[LinearGroup], n_tokens: dict[str, int], chunk: int) -> None:
+    """The store of these groups at ``hessians.chunk`` stays under ``MAX_STORE_FILES`` chunk files; else a one-line
+    error naming the chunk that would."""
+
+    def files(edge: int) -> int:
+        segments = sum(n > 0 for n in n_tokens.values())  # a segment of no tokens has no array
+        widths = [skeleton.model.get_submodule(skeleton.prefix(g.layer) + g.name).in_features for g in groups]
+        return segments * sum(-(-d // edge) * (-(-d // edge) + 1) // 2 for d in widths)  # upper-triangle chunks
+
+    if files(chunk) > MAX_STORE_FILES:
+        enough = next(c for c in (2**k for k in range(4, 20)) if c >= chunk and files(c) <= MAX_STORE_FILES)
+        raise RacError(
+            f"hessians.chunk={chunk} makes {files(chunk)} chunk files for this model, over {MAX_STORE_FILES}; "
+            f"raise it to {enough} or more (2048 is the default)"
+        )
+
+
 def check_token_ids(ids: list[list[int]], vocab_size: int, calib: Path) -> None:
     """Every token id indexes the model's embedding table; else a one-line error before any forward pass."""
     top = max(max(seq) for seq in ids)
@@ -140,6 +162,7 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> Memo
     skeleton = Skeleton(p.dense, device)
     model_fingerprint = fingerprint(p.dense)
     groups = skeleton.groups()
+    check_chunk(skeleton, groups, n_tokens, p.hessians.chunk)
     work_batches = batches(ids[rank::world_size], segments[rank::world_size], p.activations.batch_tokens, pad)
     budget = p.activations.memory_gb * 2**30
     check_budget(budget, work_batches, skeleton.hidden_size())

@@ -136,6 +136,25 @@ class ToyParams:
             )
 
 
+# A run's completions are held in memory together and written as one Parquet table, whose list offsets are int32:
+# at most this many sequences (drawn up front: 10**12 problems would never finish drawing) and 2**31 tokens.
+MAX_SEQUENCES = 2**20
+
+
+def _check_generation(section: str, count: str, n: int, samples: int, max_new_tokens: int) -> None:
+    """``n`` problems × ``samples`` completions of up to ``max_new_tokens`` fit in one run; else a one-line error."""
+    if n * samples > MAX_SEQUENCES:
+        raise RacError(
+            f"{section}.{count}={n} × {samples} samples is {n * samples} completions, over the {MAX_SEQUENCES} one run "
+            f"holds in memory; lower {section}.{count}"
+        )
+    if n * samples * max_new_tokens >= 2**31:
+        raise RacError(
+            f"{section}: {n * samples} completions × max_new_tokens={max_new_tokens} may reach "
+            f"{n * samples * max_new_tokens} tokens, over the 2**31 one Parquet table holds; lower either"
+        )
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a model samples: shared by rollout and evaluate."""
@@ -167,6 +186,7 @@ class RolloutParams(SamplingParams):
         self.check_sampling("rollout")
         _positive("rollout.n_prompts", self.n_prompts)
         _positive("rollout.samples_per_prompt", self.samples_per_prompt)
+        _check_generation("rollout", "n_prompts", self.n_prompts, self.samples_per_prompt, self.max_new_tokens)
         _choice("rollout.keep", self.keep, KEEP)
 
 
@@ -184,6 +204,7 @@ class EvaluateParams(SamplingParams):
             _choice("evaluate.quantization", self.quantization, EVAL_QUANTIZATIONS)
         _positive("evaluate.n_problems", self.n_problems)
         _positive("evaluate.samples_per_problem", self.samples_per_problem)
+        _check_generation("evaluate", "n_problems", self.n_problems, self.samples_per_problem, self.max_new_tokens)
         if self.temperature == 0 and self.samples_per_problem > 1:
             raise RacError(
                 f"evaluate.samples_per_problem={self.samples_per_problem} with temperature 0 repeats one greedy "
@@ -203,6 +224,7 @@ class AnalyzeParams:
         _choice("analyze.backend", self.backend, BACKENDS)
         _positive("analyze.n_problems", self.n_problems)
         _positive("analyze.max_new_tokens", self.max_new_tokens)
+        _check_generation("analyze", "n_problems", self.n_problems, 1, self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -236,6 +258,9 @@ class ActivationsParams:
         _positive("activations.memory_gb", self.memory_gb)
 
 
+MIN_CHUNK = 16  # hessians.chunk: a 1 KB chunk file; the store's file count for the model is checked at build time
+
+
 @dataclass(frozen=True)
 class HessiansParams:
     """How the store is written."""
@@ -243,7 +268,11 @@ class HessiansParams:
     chunk: int
 
     def check(self) -> None:
-        _positive("hessians.chunk", self.chunk)
+        if self.chunk < MIN_CHUNK:
+            raise RacError(
+                f"hessians.chunk={self.chunk!r} is below {MIN_CHUNK}: a file per {self.chunk}² floats makes millions "
+                "of files; use 2048 (the default) or at least a few hundred"
+            )
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from stages.params import SANDBOX_BOUNDS, load_params
 from stages.sandbox import Limits
 from stages.schemas import CALIBRATION, TRACES, read_parquet, tmp_sibling, write_parquet
 from stages.store import HessianStore, HessianWriter
+from stages.tasks import BenchmarkSpec, get_task
 from stages.tasks.code import CodeFile, judge
 from stages.workspace import build_lock, leftovers
 
@@ -109,10 +110,19 @@ def _params_text(tmp_path: Path, text: str | bytes) -> Path:
         (lambda t: t.replace("memory_mb: 2048 ", f"memory_mb: {10**30} "), (f"sandbox.memory_mb={10**30}", "outside")),
         (lambda t: t.replace("memory_mb: 2048 ", "memory_mb: 16 "), ("sandbox.memory_mb=16 is outside [128,",)),
         (lambda t: t.replace("wall_seconds: 6 ", "wall_seconds: 0.001 "), ("sandbox.wall_seconds=0.001",)),
+        (lambda t: t.replace("n_problems: 200", f"n_problems: {10**12}"), ("evaluate.n_problems=10000", "1048576")),
+        (
+            lambda t: t.replace("n_prompts: 192", "n_prompts: 1000000").replace(
+                "max_new_tokens: 256", "max_new_tokens: 4096", 1
+            ),
+            ("rollout: 1000000 completions × max_new_tokens=4096", "over the 2**31"),
+        ),
+        (lambda t: t.replace("chunk: 2048", "chunk: 1"), ("hessians.chunk=1 is below 16",)),
     ],
     ids=[
         *("syntax", "duplicate", "mix-text", "overrides-text", "damp-huge", "damp-nan", "inf", "budget", "list"),
-        *("bool", "sandbox-memory-huge", "sandbox-memory-tiny", "sandbox-wall-tiny"),
+        *("bool", "sandbox-memory-huge", "sandbox-memory-tiny", "sandbox-wall-tiny", "n-problems-huge"),
+        *("tokens-past-2**31", "chunk-1"),
     ],
 )
 def test_params_mistakes_are_one_line(in_tmp: Path, edit: Callable[[str], str], needles: tuple[str, ...]) -> None:
@@ -199,6 +209,8 @@ def test_fuzz_params_validation(tmp_path: Path, edits: list) -> None:
         assert "\n" not in str(err)
         return
     assert 0 <= p.sparsity < 1 and 0 < p.prune.damp <= 1 and p.calibrate.budget_tokens < 2**31
+    assert p.hessians.chunk >= 16 and p.evaluate.n_problems * p.evaluate.samples_per_problem <= 2**20
+    assert 128 <= p.sandbox.memory_mb <= 2**20 and p.sandbox.wall_seconds <= 3600
 
 
 # ---------------------------------------------------------------- model directories
@@ -876,3 +888,30 @@ def test_context_length_is_checked_before_any_engine_starts(
     result = _invoke("evaluate", "--params", str(params), "--dense", "--out", "out")
     assert_bad_input(result, *needles)
     assert not (in_tmp / "out").exists()
+
+
+# ---------------------------------------------------------------- hangs, refused up front
+
+
+def test_a_chunk_that_makes_too_many_files_for_this_model(
+    in_tmp: Path, params_file: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """hessians.chunk=16 passes params but makes 66k files for a model 4096 wide: refused before any forward, with
+    the chunk that would do."""
+    wide = save_tiny_qwen2(tmp_path_factory.mktemp("wide"), intermediate_size=4096)
+    params = str(params_file(wide, {"hessians": {"chunk": 16}}))
+    calib = _calibration(in_tmp / "calib.parquet", 2, 8, segment=[0] * 8)  # one segment: one array per group
+    result = _invoke("hessians", "--params", params, "--calib", str(calib), "--out", "h.zarr")
+    assert_bad_input(result, "hessians.chunk=16 makes 65852 chunk files for this model, over 50000", "raise it to 32")
+    assert not (in_tmp / "h.zarr").exists() and not (in_tmp / ".rac").exists()
+
+
+def test_a_backtracking_extractor_is_stopped_in_time() -> None:
+    """`(a|aa)+$` on 41 characters backtracks for hours with Python's re: the search is cut off and said."""
+    spec = BenchmarkSpec("arithmetic", None, "test", "", "regex", r"(a|aa)+$")
+    task = get_task("catastrophic", {"catastrophic": spec})
+    assert task.extract_answer("the answer: aaaa") == "a"
+    start = time.perf_counter()
+    with pytest.raises(RacError, match=r"benchmarks.catastrophic.pattern='\(a\|aa\)\+\$' ran over 2.0 s") as info:
+        task.extract_answer("a" * 40 + "b")
+    assert "\n" not in str(info.value) and time.perf_counter() - start < 60
