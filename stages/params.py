@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.events import AliasEvent
 
 from stages.errors import RacError
 from stages.export import EXPORTS, check_export
@@ -531,12 +532,21 @@ def _overlay(base: dict[str, Any], preset: dict[str, Any], where: str) -> None:
 
 
 def _read_yaml(path: Path, what: str, yaml: YAML) -> Any:
-    """Parse ``path`` with ``yaml``; syntax errors and duplicate keys are one line naming the line and column."""
+    """Parse ``path`` with ``yaml``; syntax errors, duplicate keys and aliases are one line naming the line and
+    column."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise RacError(f"{what} {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
     try:
+        for event in _safe_yaml().parse(text):
+            if isinstance(event, AliasEvent):  # before any value is built: a billion laughs never expands
+                mark = event.start_mark
+                raise RacError(
+                    f"{what} {str(path)!r} uses the YAML alias *{event.anchor} at line {mark.line + 1}, column "
+                    f"{mark.column + 1}; write the value out: aliases can expand without bound or refer to "
+                    "themselves, and DVC cannot read such a file"
+                )
         return yaml.load(text)
     except YAMLError as err:
         mark = getattr(err, "problem_mark", None)

@@ -94,6 +94,12 @@ def _params_text(tmp_path: Path, text: str | bytes) -> Path:
     return path
 
 
+# A billion laughs in vllm.options: nine aliases per level, nine levels (9**9 strings once expanded).
+_BOMB = "options:\n" + "\n".join(
+    f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}" if i else '"lol"'] * 9) + "]" for i in range(9)
+)
+
+
 @pytest.mark.parametrize(
     ("edit", "needles"),
     [
@@ -118,11 +124,13 @@ def _params_text(tmp_path: Path, text: str | bytes) -> Path:
             ("rollout: 1000000 completions × max_new_tokens=4096", "over the 2**31"),
         ),
         (lambda t: t.replace("chunk: 2048", "chunk: 1"), ("hessians.chunk=1 is below 16",)),
+        (lambda t: t.replace("options: {}", _BOMB), ("uses the YAML alias *l0 at line 75, column 14",)),
+        (lambda t: t.replace("options: {}", "options: &r {self: *r}"), ("alias *r at line 73, column 22",)),
     ],
     ids=[
         *("syntax", "duplicate", "mix-text", "overrides-text", "damp-huge", "damp-nan", "inf", "budget", "list"),
         *("bool", "sandbox-memory-huge", "sandbox-memory-tiny", "sandbox-wall-tiny", "n-problems-huge"),
-        *("tokens-past-2**31", "chunk-1"),
+        *("tokens-past-2**31", "chunk-1", "alias-bomb", "recursive-alias"),
     ],
 )
 def test_params_mistakes_are_one_line(in_tmp: Path, edit: Callable[[str], str], needles: tuple[str, ...]) -> None:
@@ -143,8 +151,9 @@ def test_params_not_utf8(in_tmp: Path) -> None:
         (b"sparsity: [0.5\n", ("line 2", "fix the YAML")),
         (b"model: data/nowhere\n", ("data/nowhere", "does not exist")),
         (b"model: empty-model\n", ("empty-model", "no config.json")),
+        (b"vllm:\n  options: &o {again: *o}\n", ("alias *o at line 2",)),
     ],
-    ids=["not-utf8", "syntax", "missing-model", "broken-model"],
+    ids=["not-utf8", "syntax", "missing-model", "broken-model", "recursive-alias"],
 )
 def test_bad_presets_leave_params_untouched(in_tmp: Path, content: bytes, needles: tuple[str, ...]) -> None:
     (in_tmp / "data").mkdir()
