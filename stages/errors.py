@@ -17,8 +17,10 @@ def disk_fault(err: BaseException) -> bool:
 
 
 def disk_message(err: OSError) -> str:
-    """One line for a disk or permission fault: what could not be written, why, and the fix."""
+    """One line for a disk or permission fault: what could not be written (or opened), why, and the fix."""
     where = f" {str(err.filename)!r}" if err.filename is not None else ""
+    if err.errno in (errno.EACCES, errno.EPERM):  # a read can be refused too
+        return f"no permission for{where}: {err.strerror or err}; fix its permissions (or point --out elsewhere)"
     return (
         f"cannot write{where}: {err.strerror or err}; free disk space or make the folder writable "
         "(or point --out elsewhere), then rerun"

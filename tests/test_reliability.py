@@ -588,7 +588,8 @@ def test_disk_faults_keep_the_finished_build(
     with monkeypatch.context() as patch:
         _fault(patch, where, out)
         result = _invoke(*args)
-    _fails_after_progress(result, "cannot write", "the finished layers are kept in", "the rerun resumes")
+    said = "Permission denied" if where.endswith("old store") else "cannot write"
+    _fails_after_progress(result, said, "the finished layers are kept in", "the rerun resumes")
     work = partial_dir(calib, load_params(Path(params)), fingerprint(str(tiny_model_dir)), out)
     assert (work / "store.zarr" / "manifest.json").is_file()
     assert sorted(p.name for p in in_tmp.iterdir() if ".tmp-" in p.name) == []
