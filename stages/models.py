@@ -112,6 +112,24 @@ def check_model_dir(path: Path) -> None:
 
 
 _WEIGHTS_CHECKED: set[tuple[str, tuple[tuple[str, int, int], ...]]] = set()
+# Each float type's exponent bits: all ones is an infinity or a NaN. Testing them on an integer view a block at a
+# time runs ~5x faster on a CPU than torch.isfinite (benchmarks/weight_check.py).
+_EXPONENT_BITS = {
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+}
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no element of the floating-point ``tensor`` (on the CPU) is NaN or infinite."""
+    if tensor.dtype not in _EXPONENT_BITS:  # float8 types, which torch.isfinite does not take
+        return bool(torch.isfinite(tensor.float()).all())
+    int_type, mask = _EXPONENT_BITS[tensor.dtype]
+    bits = tensor.reshape(-1).view(int_type)
+    block = 1 << 20
+    return not any(((bits[i : i + block].numpy() & mask) == mask).any() for i in range(0, bits.numel(), block))
 
 
 def check_weights(path: Path, files: list[Path]) -> None:
@@ -142,7 +160,7 @@ def check_weights(path: Path, files: list[Path]) -> None:
             stored = f.keys()
             for name in stored:
                 tensor = f.get_tensor(name)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                if tensor.is_floating_point() and not all_finite(tensor):
                     raise RacError(
                         f"{where}: weight {name!r} in {file.name} holds NaN or infinite values; the checkpoint is "
                         "corrupt: download or export it again"

@@ -38,7 +38,7 @@ from stages.cli import main
 from stages.errors import RacError
 from stages.hessians import partial_dir, run
 from stages.layers import LayerWalk, Skeleton
-from stages.models import fingerprint
+from stages.models import all_finite, fingerprint
 from stages.params import SANDBOX_BOUNDS, load_params
 from stages.sandbox import Limits
 from stages.schemas import CALIBRATION, TRACES, read_parquet, tmp_sibling, write_parquet
@@ -326,6 +326,21 @@ def test_broken_model_directories_are_one_line(
     }[stage]
     assert_bad_input(_invoke(*args), needle, str(model))
     assert not (in_tmp / "out").exists() and not (in_tmp / ".rac").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn])
+def test_all_finite_agrees_with_torch(dtype: torch.dtype) -> None:
+    """The exponent-bit test of every weight: NaN, ±inf anywhere (a block boundary too) against the extremes."""
+    info = torch.finfo(dtype)
+    values = [info.max, -info.max, info.tiny, info.tiny / 4, 0.0, -0.0, 1.0]
+    finite = torch.tensor(values, dtype=torch.float64).to(dtype)
+    assert all_finite(finite.repeat(400_000))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = finite.repeat(400_000)
+        x[1 << 20] = bad
+        saturated = dtype == torch.float8_e4m3fn and abs(bad) == float("inf")  # it has no infinity: max instead
+        assert bool(torch.isfinite(x[1 << 20].float())) == saturated
+        assert all_finite(x) == saturated
 
 
 def test_missing_relative_path_is_not_taken_for_a_hub_id(in_tmp: Path, params_file: Callable[..., Path]) -> None:
