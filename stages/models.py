@@ -111,6 +111,7 @@ def check_model_dir(path: Path) -> None:
     check_weights(path, weights)
 
 
+# (model directory, (file, size, mtime) of each safetensors file) already checked by this process
 _WEIGHTS_CHECKED: set[tuple[str, tuple[tuple[str, int, int], ...]]] = set()
 # Each float type's exponent bits: all ones is an infinity or a NaN. Testing them on an integer view a block at a
 # time runs ~5x faster on a CPU than torch.isfinite (benchmarks/weight_check.py).

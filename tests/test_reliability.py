@@ -570,6 +570,22 @@ def _fault(monkeypatch: pytest.MonkeyPatch, where: str, out: Path) -> None:
             raise OSError(errno.ENOSPC, "No space left on device", str(path / "zarr.json"))
 
         monkeypatch.setattr(store_module, "mark_complete", full)
+    elif where == "disk full copying across filesystems":  # .rac and --out on two filesystems: a copy, not a rename
+        real_rename, real_copytree = os.rename, shutil.copytree
+
+        def rename(src: str | Path, dst: str | Path) -> None:
+            if Path(src).name == "store.zarr":
+                raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+            real_rename(src, dst)
+
+        def copytree(src: Path, dst: Path, *args: Any) -> Path:
+            copied = real_copytree(src, dst, *args)  # copytree recurses through this name for subfolders
+            if Path(dst).parent == out.parent:  # the whole build is copied; the next block would not fit
+                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+            return copied
+
+        monkeypatch.setattr(store_module.os, "rename", rename)
+        monkeypatch.setattr(store_module.shutil, "copytree", copytree)
     else:  # the last rename, onto an old store at --out, is refused once
         real, calls = os.replace, []
 
@@ -582,7 +598,15 @@ def _fault(monkeypatch: pytest.MonkeyPatch, where: str, out: Path) -> None:
         monkeypatch.setattr(store_module.os, "replace", replace)
 
 
-@pytest.mark.parametrize("where", ["read-only out", "disk full marking complete", "refused rename onto an old store"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "read-only out",
+        "disk full marking complete",
+        "disk full copying across filesystems",
+        "refused rename onto an old store",
+    ],
+)
 def test_disk_faults_keep_the_finished_build(
     in_tmp: Path, params_file: Callable[..., Path], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
