@@ -65,6 +65,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise RacError(f"benchmark file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+    except MemoryError as err:
+        raise RacError(f"benchmark file {str(path)!r} does not fit in memory; split it or use Parquet") from err
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
