@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from stages.errors import RacError
+from stages.errors import RacError, disk_fault, disk_message
 from stages.params import Params, load_params
 
 PARAMS_OPTION = click.option(
@@ -35,7 +35,8 @@ log = logging.getLogger("rac")
 
 
 class RacGroup(click.Group):
-    """Prints bad input (``RacError``) as one line and exits 2; an interrupt (Ctrl-C, SIGTERM) exits 130.
+    """Prints bad input (``RacError``) and disk or permission faults as one line and exits 2; an interrupt
+    (Ctrl-C, SIGTERM) exits 130.
 
     Either way no traceback, and every writer's cleanup has run (artifacts are moved into place only whole).
     """
@@ -45,6 +46,11 @@ class RacGroup(click.Group):
             return super().invoke(ctx)
         except RacError as err:
             click.echo(f"rac: error: {err}", err=True)
+            sys.exit(2)
+        except OSError as err:
+            if not disk_fault(err):
+                raise
+            click.echo(f"rac: error: {disk_message(err)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("rac: interrupted; nothing half-written was left in place", err=True)

@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from stages.errors import RacError
-from stages.models import compute_device, load_model, load_tokenizer, model_dir
-from stages.params import SamplingParams, VllmParams
+from stages.models import compute_device, context_length, load_model, load_tokenizer, model_dir
+from stages.params import EvaluateParams, RolloutParams, SamplingParams, VllmParams
 
 
 class Generation(NamedTuple):
@@ -33,16 +33,44 @@ def generate(
     """``n`` completions for each prompt (token ids), sampled with ``s`` by ``s.backend``; vLLM runs with
     ``engine``'s settings."""
     directory = model_dir(model)  # a broken model is a one-line error before an engine starts (theirs are not)
+    longest = max(len(p) for p in prompts)
     if s.backend == "hf":
+        check_context(model, directory, longest, s, engine)
         return _generate_hf(model, prompts, s, n)
     on_gpu = torch.cuda.is_available()
-    kwargs = engine_kwargs(engine, on_gpu, engine_fields(), max(len(p) for p in prompts) + s.max_new_tokens)
+    kwargs = engine_kwargs(engine, on_gpu, engine_fields(), longest + s.max_new_tokens)
     check_quantized(directory, kwargs, on_gpu)
+    check_context(model, directory, longest, s, engine)
     if not on_gpu:
         cpu_environment(engine.cpu_threads)
     if engine.data_parallel_size == 1:
         return _vllm_outputs(str(directory), prompts, s, n, kwargs)
     return _generate_data_parallel(str(directory), prompts, s, n, kwargs, engine)
+
+
+def check_context(model: str, directory: Path, longest: int, s: SamplingParams, engine: VllmParams) -> None:
+    """The longest prompt plus ``s.max_new_tokens`` fits the model's context (and ``vllm.options.max_model_len``);
+    else a one-line error naming both numbers (vLLM's is a pydantic traceback, HF's a silent drift past the positions
+    the model was trained on)."""
+    section = "rollout" if isinstance(s, RolloutParams) else "evaluate" if isinstance(s, EvaluateParams) else "analyze"
+    limits = [found] if (found := context_length(directory)) else []
+    if isinstance(engine.options.get("max_model_len"), int):
+        limits.append((engine.options["max_model_len"], "vllm.options.max_model_len"))
+    if not limits:
+        return
+    context, key = min(limits)
+    need = longest + s.max_new_tokens
+    if need <= context:
+        return
+    fix = (
+        f"lower {section}.max_new_tokens to {context - longest} or less"
+        if longest < context
+        else "the prompt alone is too long: use a model with a longer context or a benchmark with shorter prompts"
+    )
+    raise RacError(
+        f"the longest prompt ({longest} tokens) plus {section}.max_new_tokens={s.max_new_tokens} is {need} tokens, "
+        f"beyond the {context}-token context of model {model!r} ({key}); {fix}"
+    )
 
 
 def engine_fields() -> set[str]:

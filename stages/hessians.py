@@ -7,10 +7,11 @@ inputs, its groups' sums are written (and recorded with the digests of their fil
 loads, and only one layer's weights and sums are ever in memory. The partial build lives in
 ``<repo>/.rac/partial/<hash of the inputs>/``, outside DVC's outs, under a lock; a killed run resumes at
 the first layer whose files do not verify, after recomputing that layer's inputs (a forward through the
-finished layers, without sums). A failed build removes its partial build; an interrupted one keeps it for
-the rerun (``rac clean`` lists and removes those left behind). Sequences can be sharded over processes
-(``--world-size`` with gloo, or ``torchrun``); the sums are all-reduced per layer, which the
-sum-plus-count contract makes exact up to fp32 summation order.
+finished layers, without sums). A failed build removes its partial build; an interrupted one, or one stopped by
+a full disk or a read-only folder, keeps it for the rerun (``rac clean`` lists and removes those left behind):
+a sealed build whose publish failed is published by the rerun without recomputing any layer. Sequences can be
+sharded over processes (``--world-size`` with gloo, or ``torchrun``); the sums are all-reduced per layer, which
+the sum-plus-count contract makes exact up to fp32 summation order.
 
 Precision: sums accumulate in fp32 on the compute device (addmm of fp32 activations); against an
 fp64 accumulation the relative error per entry is ~1e-6 at 1M tokens (tests/test_hessians.py).
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
-from stages.errors import RacError
+from stages.errors import RacError, disk_fault, disk_message
 from stages.layers import (
     Accumulator,
     ActivationCache,
@@ -93,6 +94,28 @@ def layer_sums(
         del accumulators  # before the next layer's are allocated
 
 
+# More chunk files than this make a build, and DVC's hashing and transfers of the store, crawl (155k files of a
+# chunk-1 store took 150 s to write on the embedded model; a 7B store at the default 2048 is ~6.6k files).
+MAX_STORE_FILES = 50_000
+
+
+def check_chunk(skeleton: Skeleton, groups: list[LinearGroup], n_tokens: dict[str, int], chunk: int) -> None:
+    """The store of these groups at ``hessians.chunk`` stays under ``MAX_STORE_FILES`` chunk files; else a one-line
+    error naming the chunk that would."""
+
+    def files(edge: int) -> int:
+        segments = sum(n > 0 for n in n_tokens.values())  # a segment of no tokens has no array
+        widths = [skeleton.model.get_submodule(skeleton.prefix(g.layer) + g.name).in_features for g in groups]
+        return segments * sum(-(-d // edge) * (-(-d // edge) + 1) // 2 for d in widths)  # upper-triangle chunks
+
+    if files(chunk) > MAX_STORE_FILES:
+        enough = next(c for c in (2**k for k in range(4, 20)) if c >= chunk and files(c) <= MAX_STORE_FILES)
+        raise RacError(
+            f"hessians.chunk={chunk} makes {files(chunk)} chunk files for this model, over {MAX_STORE_FILES}; "
+            f"raise it to {enough} or more (2048 is the default)"
+        )
+
+
 def check_token_ids(ids: list[list[int]], vocab_size: int, calib: Path) -> None:
     """Every token id indexes the model's embedding table; else a one-line error before any forward pass."""
     top = max(max(seq) for seq in ids)
@@ -139,6 +162,7 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> Memo
     skeleton = Skeleton(p.dense, device)
     model_fingerprint = fingerprint(p.dense)
     groups = skeleton.groups()
+    check_chunk(skeleton, groups, n_tokens, p.hessians.chunk)
     work_batches = batches(ids[rank::world_size], segments[rank::world_size], p.activations.batch_tokens, pad)
     budget = p.activations.memory_gb * 2**30
     check_budget(budget, work_batches, skeleton.hidden_size())
@@ -173,9 +197,11 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> Memo
                 dist.broadcast_object_list(shared, src=0)
                 start = shared[0]
             walk = LayerWalk(skeleton, work_batches, cache)
-            if start:
+            if start == n_layers:  # a sealed build whose publish failed: nothing to recompute
+                log.info("resuming %s: every layer verified; publishing it", work)
+            elif start:
                 log.info("resuming %s: layers 0-%d verified; recomputing layer %d's inputs", work, start - 1, start)
-            for i, accumulators in layer_sums(walk, groups, start):
+            for i, accumulators in layer_sums(walk, groups, start) if start < n_layers else ():
                 if world_size > 1:
                     _all_reduce(list(accumulators.values()))
                 if writer is not None:
@@ -199,6 +225,16 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> Memo
             if rank == 0:
                 log.warning("interrupted: %s is kept, so a rerun resumes; `rac clean` removes it", work)
             raise
+        except OSError as err:
+            if not disk_fault(err):
+                if rank == 0:
+                    remove_build(work)
+                raise
+            # A full disk or a read-only --out: the finished layers (or the sealed store) stay for the rerun.
+            raise RacError(
+                f"{disk_message(err)}; the finished layers are kept in {str(work)!r} and the rerun resumes from "
+                "them (`rac clean` removes them)"
+            ) from err
         except BaseException:
             if rank == 0:  # a failed build removes its own partial build; an interrupted one keeps it (above)
                 remove_build(work)

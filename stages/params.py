@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.events import AliasEvent
 
 from stages.errors import RacError
 from stages.export import EXPORTS, check_export
@@ -137,6 +138,25 @@ class ToyParams:
             )
 
 
+# A run's completions are held in memory together and written as one Parquet table, whose list offsets are int32:
+# at most this many sequences (drawn up front: 10**12 problems would never finish drawing) and 2**31 tokens.
+MAX_SEQUENCES = 2**20
+
+
+def _check_generation(section: str, count: str, n: int, samples: int, max_new_tokens: int) -> None:
+    """``n`` problems × ``samples`` completions of up to ``max_new_tokens`` fit in one run; else a one-line error."""
+    if n * samples > MAX_SEQUENCES:
+        raise RacError(
+            f"{section}.{count}={n} × {samples} samples is {n * samples} completions, over the {MAX_SEQUENCES} one run "
+            f"holds in memory; lower {section}.{count}"
+        )
+    if n * samples * max_new_tokens >= 2**31:
+        raise RacError(
+            f"{section}: {n * samples} completions × max_new_tokens={max_new_tokens} may reach "
+            f"{n * samples * max_new_tokens} tokens, over the 2**31 one Parquet table holds; lower either"
+        )
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a model samples: shared by rollout and evaluate."""
@@ -168,6 +188,7 @@ class RolloutParams(SamplingParams):
         self.check_sampling("rollout")
         _positive("rollout.n_prompts", self.n_prompts)
         _positive("rollout.samples_per_prompt", self.samples_per_prompt)
+        _check_generation("rollout", "n_prompts", self.n_prompts, self.samples_per_prompt, self.max_new_tokens)
         _choice("rollout.keep", self.keep, KEEP)
 
 
@@ -185,6 +206,7 @@ class EvaluateParams(SamplingParams):
             _choice("evaluate.quantization", self.quantization, EVAL_QUANTIZATIONS)
         _positive("evaluate.n_problems", self.n_problems)
         _positive("evaluate.samples_per_problem", self.samples_per_problem)
+        _check_generation("evaluate", "n_problems", self.n_problems, self.samples_per_problem, self.max_new_tokens)
         if self.temperature == 0 and self.samples_per_problem > 1:
             raise RacError(
                 f"evaluate.samples_per_problem={self.samples_per_problem} with temperature 0 repeats one greedy "
@@ -204,6 +226,7 @@ class AnalyzeParams:
         _choice("analyze.backend", self.backend, BACKENDS)
         _positive("analyze.n_problems", self.n_problems)
         _positive("analyze.max_new_tokens", self.max_new_tokens)
+        _check_generation("analyze", "n_problems", self.n_problems, 1, self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -237,6 +260,9 @@ class ActivationsParams:
         _positive("activations.memory_gb", self.memory_gb)
 
 
+MIN_CHUNK = 16  # hessians.chunk: a 1 KB chunk file; the store's file count for the model is checked at build time
+
+
 @dataclass(frozen=True)
 class HessiansParams:
     """How the store is written."""
@@ -244,7 +270,11 @@ class HessiansParams:
     chunk: int
 
     def check(self) -> None:
-        _positive("hessians.chunk", self.chunk)
+        if self.chunk < MIN_CHUNK:
+            raise RacError(
+                f"hessians.chunk={self.chunk!r} is below {MIN_CHUNK}: a file per {self.chunk}² floats makes millions "
+                "of files; use 2048 (the default) or at least a few hundred"
+            )
 
 
 @dataclass(frozen=True)
@@ -301,6 +331,18 @@ class QuantParams:
         return QuantSpec(self.bits, self.group_size, self.symmetric, self.act_order)
 
 
+# Sane ranges of the sandbox limits. Python and LiveCodeBench's preloaded modules need ~32 MB of address space
+# and tens of ms to start; past an hour of wall or CPU time per test a graded run is a hang.
+SANDBOX_BOUNDS = {
+    "wall_seconds": (1, 3600),
+    "cpu_seconds": (1, 3600),
+    "memory_mb": (128, 2**20),
+    "processes": (1, 4096),
+    "file_mb": (1, 4096),
+    "workers": (1, 256),
+}
+
+
 @dataclass(frozen=True)
 class SandboxParams:
     """How the programs of a code benchmark run when they are graded (stages/sandbox.py)."""
@@ -313,8 +355,13 @@ class SandboxParams:
     workers: int
 
     def check(self) -> None:
-        for name in ("wall_seconds", "cpu_seconds", "memory_mb", "processes", "file_mb", "workers"):
-            _positive(f"sandbox.{name}", getattr(self, name))
+        for name, (low, high) in SANDBOX_BOUNDS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise RacError(
+                    f"sandbox.{name}={value!r} is outside [{low}, {high}]: below, the Python interpreter cannot start "
+                    "and every program fails; above, it limits nothing (or overflows the kernel's limit)"
+                )
 
     @property
     def limits(self) -> Limits:
@@ -465,12 +512,21 @@ def _overlay(base: dict[str, Any], preset: dict[str, Any], where: str) -> None:
 
 
 def _read_yaml(path: Path, what: str, yaml: YAML) -> Any:
-    """Parse ``path`` with ``yaml``; syntax errors and duplicate keys are one line naming the line and column."""
+    """Parse ``path`` with ``yaml``; syntax errors, duplicate keys and aliases are one line naming the line and
+    column."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise RacError(f"{what} {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
     try:
+        for event in _safe_yaml().parse(text):
+            if isinstance(event, AliasEvent):  # before any value is built: a billion laughs never expands
+                mark = event.start_mark
+                raise RacError(
+                    f"{what} {str(path)!r} uses the YAML alias *{event.anchor} at line {mark.line + 1}, column "
+                    f"{mark.column + 1}; write the value out: aliases can expand without bound or refer to "
+                    "themselves, and DVC cannot read such a file"
+                )
         return yaml.load(text)
     except YAMLError as err:
         mark = getattr(err, "problem_mark", None)

@@ -17,6 +17,7 @@ group saw the store's token counts, and every file matches the manifest (a missi
 zeros, a corrupted one can still decode). Readers check sizes on open and digests before using a group.
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -128,7 +129,8 @@ class HessianWriter:
         if (self.build / "zarr.json").is_file():
             try:
                 root = _open_root(self.build, "r+")
-                if dict(root.attrs) == self.attrs:
+                # ``complete`` aside: a sealed build whose publish failed was marked, then moved back here
+                if {**dict(root.attrs), "complete": False} == self.attrs:
                     self.root = root
             except RacError as err:
                 log.warning("%s", err)
@@ -143,9 +145,16 @@ class HessianWriter:
         self, layer: int, name: str, members: list[str], xtx: dict[str, np.ndarray], n_tokens: dict[str, int]
     ) -> None:
         """Write the upper triangles of the per-segment sums ``xtx[segment]`` [d, d] and the token counts of one
-        group; a segment of no tokens gets no array (``xtx`` may lack it)."""
+        group; a segment of no tokens gets no array (``xtx`` may lack it). Non-finite sums are a one-line error."""
         assert self.root is not None
-        group = self.root.require_group(f"layers/{layer}/{name}")
+        key = f"layers/{layer}/{name}"
+        for segment in (s for s in SEGMENT_IDS if n_tokens[s] > 0):
+            if not np.isfinite(xtx[segment]).all():  # refused here, so no store is ever sealed around them
+                raise RacError(
+                    f"Hessian build {str(self.build)!r}: group {key!r} has non-finite {segment} sums (the model's "
+                    "activations overflow float32 on this calibration); check the model's weights, nothing was stored"
+                )
+        group = self.root.require_group(key)
         for segment in (s for s in SEGMENT_IDS if n_tokens[s] > 0):
             d = xtx[segment].shape[0]
             with numcodecs_quiet():
@@ -198,10 +207,21 @@ class HessianWriter:
 
         ``dest`` is at every moment absent, the old store, or the new complete one: the copy (when the build
         is on another filesystem) happens under a temporary name and only a rename in one directory replaces it.
+        If any step fails (a full disk, a read-only folder), the sealed build is back at ``build`` for the rerun to
+        publish, and ``dest`` is as it was.
         """
-        staged = stage_beside(self.build, Path(dest))
-        mark_complete(staged)
-        swap_into(staged, Path(dest))
+        dest = Path(dest)
+        staged = stage_beside(self.build, dest)
+        try:
+            mark_complete(staged)
+            swap_into(staged, dest)
+        except BaseException:
+            if self.build.exists():  # staged by a copy: the build was never moved
+                shutil.rmtree(staged, ignore_errors=True)
+            else:  # staged by a rename, within one filesystem: renaming back needs no space
+                os.replace(staged, self.build)
+            raise
+        shutil.rmtree(self.build, ignore_errors=True)  # the original of a copy
         self.root = None
 
     def abort(self) -> None:
@@ -210,10 +230,20 @@ class HessianWriter:
 
 
 def stage_beside(build: Path, dest: Path) -> Path:
-    """Move ``build`` to a temporary sibling of ``dest`` (a rename, or a copy across filesystems)."""
+    """``build`` at a temporary sibling of ``dest``: renamed there, or copied across filesystems (``build`` is then
+    kept until the publish ends); a failed copy leaves nothing beside ``dest``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     staged = tmp_sibling(dest)
-    shutil.move(build, staged)
+    try:
+        os.rename(build, staged)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        try:
+            shutil.copytree(build, staged)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
     return staged
 
 
@@ -223,11 +253,17 @@ def mark_complete(path: Path) -> None:
 
 
 def swap_into(staged: Path, dest: Path) -> None:
-    """Rename ``staged`` onto ``dest``; an old store at ``dest`` is renamed away first, then removed."""
+    """Rename ``staged`` onto ``dest``; an old store at ``dest`` is renamed away first (and back, if the second
+    rename fails), then removed."""
     trash = tmp_sibling(dest)
     if dest.exists():
         os.replace(dest, trash)
-    os.replace(staged, dest)
+    try:
+        os.replace(staged, dest)
+    except BaseException:
+        if trash.exists():
+            os.replace(trash, dest)
+        raise
     shutil.rmtree(trash, ignore_errors=True)
 
 

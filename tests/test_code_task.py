@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_qwen2
 
 from stages import calibrate, evaluate, rollout
 from stages.errors import RacError
@@ -134,8 +135,14 @@ def test_hand_written_solutions_pass_and_wrong_ones_do_not() -> None:
     assert task.answer_text(answers[0]).startswith("tests sha256:")
 
 
+@pytest.fixture(scope="module")
+def long_context_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with 1024 positions: a code prompt is ~590 characters, one token each."""
+    return save_tiny_qwen2(tmp_path_factory.mktemp("long_context"), max_len=1024)
+
+
 def test_evaluate_records_verdicts_and_isolation(
-    tmp_path: Path, tiny_model_dir: Path, params_file: Callable[..., Path]
+    tmp_path: Path, long_context_dir: Path, params_file: Callable[..., Path]
 ) -> None:
     """An untrained tiny model writes no program: every sample is no_code, counted in metrics.json."""
     overrides = {
@@ -143,8 +150,8 @@ def test_evaluate_records_verdicts_and_isolation(
         "benchmarks": EASY_BENCHMARK,
         "evaluate": {"backend": "hf", "n_problems": 3, "max_new_tokens": 8},
     }
-    p = load_params(params_file(tiny_model_dir, overrides))
-    timings = evaluate.run(p, str(tiny_model_dir), tmp_path / "e")
+    p = load_params(params_file(long_context_dir, overrides))
+    timings = evaluate.run(p, str(long_context_dir), tmp_path / "e")
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["verdicts"] == dict.fromkeys(VERDICTS, 0) | {"no_code": 3} and m["accuracy"] == 0.0
     assert m["sandbox_isolation"] in ("namespaces", "user-namespaces", "none")
@@ -153,7 +160,9 @@ def test_evaluate_records_verdicts_and_isolation(
     assert timings["grading_seconds"] >= 0
 
 
-def test_rac_calibrates_on_code_traces(tmp_path: Path, tiny_model_dir: Path, params_file: Callable[..., Path]) -> None:
+def test_rac_calibrates_on_code_traces(
+    tmp_path: Path, long_context_dir: Path, params_file: Callable[..., Path]
+) -> None:
     """calib_task may be a code benchmark: its rollouts are graded in the sandbox and become a RAC calibration set."""
     overrides = {
         "calib_task": "easy",
@@ -161,9 +170,9 @@ def test_rac_calibrates_on_code_traces(tmp_path: Path, tiny_model_dir: Path, par
         "rollout": {"backend": "hf", "n_prompts": 4, "max_new_tokens": 16},
         "calibrate": {"budget_tokens": 1200},  # two traces: the prompts are ~590 characters, one token each
     }
-    p = load_params(params_file(tiny_model_dir, overrides))
+    p = load_params(params_file(long_context_dir, overrides))
     traces, calib = tmp_path / "traces.parquet", tmp_path / "rac.parquet"
-    rollout.run(p, traces, str(tiny_model_dir))
+    rollout.run(p, traces, str(long_context_dir))
     table, meta = read_parquet(traces, TRACES, "traces")
     assert table.num_rows == 4 and meta["task"] == "easy"
     assert table["correct"].to_pylist() == [False] * 4  # an untrained model writes no program

@@ -4,13 +4,19 @@ Refusals run the real CLI in-process and assert one stderr line, exit 2, and not
 Survivals kill or interrupt real `rac` processes and check that the rerun gives the store a fresh run gives.
 """
 
+import base64
+import dataclasses
+import errno
 import json
 import os
+import pickle
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,19 +28,23 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import SHIPPED_PARAMS, assert_bad_input, save_tiny_qwen2
+from conftest import ROOT, SHIPPED_PARAMS, assert_bad_input, save_tiny_qwen2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from stages import store as store_module
 from stages.cli import main
 from stages.errors import RacError
 from stages.hessians import partial_dir, run
-from stages.layers import Skeleton
-from stages.models import fingerprint
-from stages.params import load_params
+from stages.layers import LayerWalk, Skeleton
+from stages.models import all_finite, fingerprint
+from stages.params import SANDBOX_BOUNDS, load_params
+from stages.sandbox import Limits
 from stages.schemas import CALIBRATION, TRACES, read_parquet, tmp_sibling, write_parquet
 from stages.store import HessianStore, HessianWriter
+from stages.tasks import BenchmarkSpec, get_task
+from stages.tasks.code import CodeFile, judge
 from stages.workspace import build_lock, leftovers
 
 RAC = [str(Path(sys.executable).parent / "rac")]
@@ -66,6 +76,15 @@ def _invoke(*args: str) -> Any:
     return CliRunner().invoke(main, list(args))
 
 
+def _fails_after_progress(result: Any, *needles: str) -> None:
+    """Exit 2 and a one-line error as the last stderr line (progress bars of the work done may come before it)."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("rac: error: ") and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in last, (needle, last)
+
+
 # ---------------------------------------------------------------- params and presets
 
 
@@ -73,6 +92,12 @@ def _params_text(tmp_path: Path, text: str | bytes) -> Path:
     path = tmp_path / "params.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
+
+
+# A billion laughs in vllm.options: nine aliases per level, nine levels (9**9 strings once expanded).
+_BOMB = "options:\n" + "\n".join(
+    f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}" if i else '"lol"'] * 9) + "]" for i in range(9)
+)
 
 
 @pytest.mark.parametrize(
@@ -88,8 +113,25 @@ def _params_text(tmp_path: Path, text: str | bytes) -> Path:
         (lambda t: t.replace("budget_tokens: 16384", "budget_tokens: 4294967296"), ("below 2**31",)),
         (lambda t: t.replace("sources: [generic, prompt, rac]", "sources: [rac, 5]"), ("sources[1]=5", "str")),
         (lambda t: t.replace("seed: 0\n", "seed: true\n", 1), ("toy.seed=True", "int")),
+        (lambda t: t.replace("memory_mb: 2048 ", f"memory_mb: {10**30} "), (f"sandbox.memory_mb={10**30}", "outside")),
+        (lambda t: t.replace("memory_mb: 2048 ", "memory_mb: 16 "), ("sandbox.memory_mb=16 is outside [128,",)),
+        (lambda t: t.replace("wall_seconds: 6 ", "wall_seconds: 0.001 "), ("sandbox.wall_seconds=0.001",)),
+        (lambda t: t.replace("n_problems: 200", f"n_problems: {10**12}"), ("evaluate.n_problems=10000", "1048576")),
+        (
+            lambda t: t.replace("n_prompts: 192", "n_prompts: 1000000").replace(
+                "max_new_tokens: 256", "max_new_tokens: 4096", 1
+            ),
+            ("rollout: 1000000 completions × max_new_tokens=4096", "over the 2**31"),
+        ),
+        (lambda t: t.replace("chunk: 2048", "chunk: 1"), ("hessians.chunk=1 is below 16",)),
+        (lambda t: t.replace("options: {}", _BOMB), ("uses the YAML alias *l0 at line 75, column 14",)),
+        (lambda t: t.replace("options: {}", "options: &r {self: *r}"), ("alias *r at line 73, column 22",)),
     ],
-    ids=["syntax", "duplicate", "mix-text", "overrides-text", "damp-huge", "damp-nan", "inf", "budget", "list", "bool"],
+    ids=[
+        *("syntax", "duplicate", "mix-text", "overrides-text", "damp-huge", "damp-nan", "inf", "budget", "list"),
+        *("bool", "sandbox-memory-huge", "sandbox-memory-tiny", "sandbox-wall-tiny", "n-problems-huge"),
+        *("tokens-past-2**31", "chunk-1", "alias-bomb", "recursive-alias"),
+    ],
 )
 def test_params_mistakes_are_one_line(in_tmp: Path, edit: Callable[[str], str], needles: tuple[str, ...]) -> None:
     params = _params_text(in_tmp, edit(SHIPPED_PARAMS.read_text()))
@@ -109,8 +151,9 @@ def test_params_not_utf8(in_tmp: Path) -> None:
         (b"sparsity: [0.5\n", ("line 2", "fix the YAML")),
         (b"model: data/nowhere\n", ("data/nowhere", "does not exist")),
         (b"model: empty-model\n", ("empty-model", "no config.json")),
+        (b"vllm:\n  options: &o {again: *o}\n", ("alias *o at line 2",)),
     ],
-    ids=["not-utf8", "syntax", "missing-model", "broken-model"],
+    ids=["not-utf8", "syntax", "missing-model", "broken-model", "recursive-alias"],
 )
 def test_bad_presets_leave_params_untouched(in_tmp: Path, content: bytes, needles: tuple[str, ...]) -> None:
     (in_tmp / "data").mkdir()
@@ -175,6 +218,8 @@ def test_fuzz_params_validation(tmp_path: Path, edits: list) -> None:
         assert "\n" not in str(err)
         return
     assert 0 <= p.sparsity < 1 and 0 < p.prune.damp <= 1 and p.calibrate.budget_tokens < 2**31
+    assert p.hessians.chunk >= 16 and p.evaluate.n_problems * p.evaluate.samples_per_problem <= 2**20
+    assert 128 <= p.sandbox.memory_mb <= 2**20 and p.sandbox.wall_seconds <= 3600
 
 
 # ---------------------------------------------------------------- model directories
@@ -227,6 +272,12 @@ def _broken_models(tiny: Path, root: Path) -> dict[str, tuple[Path, str]]:
     del weights[next(k for k in weights if "down_proj" in k)]
     save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
     cases["checkpoint missing a weight"] = (d, "lacks weights")
+    d = copy("nan-weight")
+    weights = load_file(d / "model.safetensors")
+    name = next(k for k in weights if "layers.1.mlp.up_proj" in k)
+    weights[name][3, 5] = float("nan")
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    cases["a NaN weight"] = (d, f"weight {name!r} in model.safetensors holds NaN")
     return cases
 
 
@@ -247,13 +298,12 @@ BROKEN = [
     "invalid tokenizer.json",
     "a file",
     "checkpoint missing a weight",
+    "a NaN weight",
 ]
 
 
 @pytest.mark.parametrize(
-    ("case", "stage"),
-    # prune checks the store's fingerprint before loading weights: a checkpoint missing a weight has another one
-    [(c, s) for c in BROKEN for s in ("prune", "evaluate", "hessians", "rollout") if (c, s) != (BROKEN[-1], "prune")],
+    ("case", "stage"), [(c, s) for c in BROKEN for s in ("prune", "evaluate", "hessians", "rollout")]
 )
 def test_broken_model_directories_are_one_line(
     in_tmp: Path,
@@ -263,8 +313,10 @@ def test_broken_model_directories_are_one_line(
     case: str,
     stage: str,
 ) -> None:
+    """Every stage checks a model directory the same way before it loads anything: evaluate and rollout on vLLM
+    (which would serve an absent weight as zeros, and exit 0), hessians and prune on the layer walk."""
     model, needle = broken_models[case]
-    params = str(params_file(model, {"rollout": {"backend": "hf"}, "evaluate": {"backend": "hf"}}))
+    params = str(params_file(model))
     calib = _calibration(in_tmp / "calib.parquet", 2, 8)
     args = {
         "prune": ["prune", "--params", params, "--hessians", "h.zarr", "--out", "out"],
@@ -272,13 +324,23 @@ def test_broken_model_directories_are_one_line(
         "hessians": ["hessians", "--params", params, "--calib", str(calib), "--out", "out"],
         "rollout": ["rollout", "--params", params, "--out", "out"],
     }[stage]
-    result = _invoke(*args)
-    if case == "checkpoint missing a weight":  # transformers prints its loading bar before the check can run
-        assert result.exit_code == 2 and result.stderr.splitlines()[-1].startswith("rac: error: "), result.output
-        assert needle in result.stderr.splitlines()[-1]
-    else:
-        assert_bad_input(result, needle, str(model))
+    assert_bad_input(_invoke(*args), needle, str(model))
     assert not (in_tmp / "out").exists() and not (in_tmp / ".rac").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn])
+def test_all_finite_agrees_with_torch(dtype: torch.dtype) -> None:
+    """The exponent-bit test of every weight: NaN, ±inf anywhere (a block boundary too) against the extremes."""
+    info = torch.finfo(dtype)
+    values = [info.max, -info.max, info.tiny, info.tiny / 4, 0.0, -0.0, 1.0]
+    finite = torch.tensor(values, dtype=torch.float64).to(dtype)
+    assert all_finite(finite.repeat(400_000))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = finite.repeat(400_000)
+        x[1 << 20] = bad
+        saturated = dtype == torch.float8_e4m3fn and abs(bad) == float("inf")  # it has no infinity: max instead
+        assert bool(torch.isfinite(x[1 << 20].float())) == saturated
+        assert all_finite(x) == saturated
 
 
 def test_missing_relative_path_is_not_taken_for_a_hub_id(in_tmp: Path, params_file: Callable[..., Path]) -> None:
@@ -481,14 +543,129 @@ def test_a_second_build_of_the_same_inputs_is_refused(
 def test_a_failed_build_removes_its_partial_build(
     in_tmp: Path, params_file: Callable[..., Path], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A failure that is not the disk's (here an I/O error of the device) removes the partial build: its layers
+    cannot be trusted. A full disk keeps them (`test_disk_faults_keep_the_finished_build`)."""
+
     def fail(*_args: object) -> None:
-        raise OSError("No space left on device")
+        raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(HessianWriter, "seal", fail)
     params = params_file(tiny_model_dir)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="Input/output error"):
         run(load_params(params), _calibration(in_tmp / "calib.parquet", 3, 8), in_tmp / "h.zarr", 1)
     assert not (in_tmp / ".rac").exists() and not (in_tmp / "h.zarr").exists()
+
+
+def _fault(monkeypatch: pytest.MonkeyPatch, where: str, out: Path) -> None:
+    """Make the publish of a store at ``out`` fail as a full disk or a read-only folder would, at ``where``."""
+    if where == "read-only out":  # the folder of --out refuses the staged build before anything moves
+
+        def refuse(build: Path, dest: Path) -> Path:
+            raise OSError(errno.EROFS, "Read-only file system", str(dest.parent))
+
+        monkeypatch.setattr(store_module, "stage_beside", refuse)
+    elif where == "disk full marking complete":  # after the build was moved beside --out
+
+        def full(path: Path) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path / "zarr.json"))
+
+        monkeypatch.setattr(store_module, "mark_complete", full)
+    elif where == "disk full copying across filesystems":  # .rac and --out on two filesystems: a copy, not a rename
+        real_rename, real_copytree = os.rename, shutil.copytree
+
+        def rename(src: str | Path, dst: str | Path) -> None:
+            if Path(src).name == "store.zarr":
+                raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+            real_rename(src, dst)
+
+        def copytree(src: Path, dst: Path, *args: Any) -> Path:
+            copied = real_copytree(src, dst, *args)  # copytree recurses through this name for subfolders
+            if Path(dst).parent == out.parent:  # the whole build is copied; the next block would not fit
+                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+            return copied
+
+        monkeypatch.setattr(store_module.os, "rename", rename)
+        monkeypatch.setattr(store_module.shutil, "copytree", copytree)
+    else:  # the last rename, onto an old store at --out, is refused once
+        real, calls = os.replace, []
+
+        def replace(src: str | Path, dst: str | Path) -> None:
+            if Path(dst) == out and not calls:
+                calls.append(src)
+                raise OSError(errno.EACCES, "Permission denied", str(dst))
+            real(src, dst)
+
+        monkeypatch.setattr(store_module.os, "replace", replace)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "read-only out",
+        "disk full marking complete",
+        "disk full copying across filesystems",
+        "refused rename onto an old store",
+    ],
+)
+def test_disk_faults_keep_the_finished_build(
+    in_tmp: Path, params_file: Callable[..., Path], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A disk or permission fault while publishing: one line, --out as it was (absent, or the old store), the sealed
+    build kept; the rerun publishes it without a single forward pass and it equals a fresh build."""
+    params = str(params_file(tiny_model_dir))
+    calib = _calibration(in_tmp / "calib.parquet", 3, 8)
+    out = in_tmp / "h.zarr"
+    args = ["hessians", "--params", params, "--calib", str(calib), "--out", str(out)]
+    forwards: list[int] = []
+    real_forward = LayerWalk.forward
+    monkeypatch.setattr(LayerWalk, "forward", lambda *a, **k: forwards.append(1) or real_forward(*a, **k))
+    assert _invoke(*args[:-1], "fresh.zarr").exit_code == 0
+    assert len(forwards) == 2  # the tiny model's two layers: the counter sees the walk
+    if where.endswith("old store"):
+        assert _invoke(*args[:4], str(_calibration(in_tmp / "old.parquet", 2, 8, seed=9)), *args[-2:]).exit_code == 0
+        old = HessianStore(out, None).files
+    with monkeypatch.context() as patch:
+        _fault(patch, where, out)
+        result = _invoke(*args)
+    said = "Permission denied" if where.endswith("old store") else "cannot write"
+    _fails_after_progress(result, said, "the finished layers are kept in", "the rerun resumes")
+    work = partial_dir(calib, load_params(Path(params)), fingerprint(str(tiny_model_dir)), out)
+    assert (work / "store.zarr" / "manifest.json").is_file()
+    assert sorted(p.name for p in in_tmp.iterdir() if ".tmp-" in p.name) == []
+    if where.endswith("old store"):
+        assert HessianStore(out, None).files == old
+    else:
+        assert not out.exists()
+
+    forwards.clear()
+    rerun = _invoke(*args)
+    assert rerun.exit_code == 0, rerun.output
+    assert forwards == []
+    _stores_identical(out, in_tmp / "fresh.zarr")
+    assert not (in_tmp / ".rac").exists()
+
+
+def test_a_full_disk_is_one_line_and_writes_nothing(in_tmp: Path, params_file: Callable[..., Path]) -> None:
+    """A real fault, no mock: `rac` under RLIMIT_FSIZE (the kernel refuses any write past 64 bytes, as a full disk
+    refuses the next block), writing its identity record."""
+    params = params_file(ROOT / "data" / "embedded")
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+
+    result = subprocess.run(
+        [*RAC, "model", "--params", str(params), "--out", "data/model/identity.json"],
+        cwd=in_tmp,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "rac: error: cannot write: File too large; free disk space or make the folder writable (or point --out "
+        "elsewhere), then rerun"
+    ]
+    assert [p for p in (in_tmp / "data").rglob("*") if p.is_file()] == []
 
 
 def test_clean_removes_what_dead_runs_left_and_keeps_running_ones(in_tmp: Path) -> None:
@@ -617,3 +794,173 @@ def test_interrupt_exits_130_and_the_rerun_resumes(
     for g in store.groups():  # layers summed in another process: equal up to fp32 summation order
         for s, x in store.sums(g).items():
             np.testing.assert_allclose(x, fresh.sums(g)[s], rtol=1e-5, atol=1e-6 * np.abs(x).max())
+
+
+# ---------------------------------------------------------------- silent wrong results
+
+
+def test_sums_that_overflow_are_refused_before_the_store_is_sealed(
+    in_tmp: Path, params_file: Callable[..., Path], tiny_model_dir: Path
+) -> None:
+    """Finite weights whose activations overflow float32 (a norm scaled by 1e25: x·xᵀ ~ 1e50): the build stops at
+    the first non-finite sum, and neither a store nor a partial build is left to look complete."""
+    model = in_tmp / "overflow"
+    shutil.copytree(tiny_model_dir, model)
+    weights = load_file(model / "model.safetensors")
+    weights["model.layers.1.post_attention_layernorm.weight"] *= 1e25
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    params = str(params_file(model))
+    calib = _calibration(in_tmp / "calib.parquet", 3, 8)
+    result = _invoke("hessians", "--params", params, "--calib", str(calib), "--out", "h.zarr")
+    _fails_after_progress(result, "group 'layers/1/mlp.gate_proj' has non-finite prompt sums", "nothing was stored")
+    assert not (in_tmp / "h.zarr").exists() and not (in_tmp / ".rac").exists()
+
+
+# ---------------------------------------------------------------- hostile benchmark files
+
+_CODE_ROW = json.loads((ROOT / "tests" / "fixtures" / "code_easy.jsonl").read_text().splitlines()[0])
+
+
+def _pickled(raw: bytes) -> str:
+    return base64.b64encode(zlib.compress(raw)).decode()
+
+
+def _bad_benchmark(folder: Path, case: str) -> tuple[str, Path]:
+    """(kind, path) of a benchmark file broken as ``case`` says."""
+    jsonl = folder / "bench.jsonl"
+    rows: dict[str, tuple[str, Any]] = {
+        "problem null": ("math", {"problem": None, "answer": "1"}),
+        "answer a list": ("math", {"problem": "1+1?", "answer": [2]}),
+        "row not an object": ("math", [1, 2]),
+        "question_content a number": ("code", {**_CODE_ROW, "question_content": 7}),
+        "pickle AttributeError": ("code", {**_CODE_ROW, "private_test_cases": _pickled(b"\x80\x04K\x01K\x02a.")}),
+        "pickle TypeError": ("code", {**_CODE_ROW, "private_test_cases": _pickled(b"\x80\x04]]R.")}),
+        "pickle MemoryError": ("code", {**_CODE_ROW, "private_test_cases": _pickled(b"\x80\x04Nr\xff\xff\xff\xff.")}),
+        "tests repeated past 1 GB": (
+            "code",
+            {**_CODE_ROW, "private_test_cases": _pickled(pickle.dumps([{"input": "x" * 2**20, "output": ""}] * 1100))},
+        ),
+        "5000-digit tests": ("code", {**_CODE_ROW, "public_test_cases": "[" + "7" * 5000 + "]"}),
+    }
+    if case in rows:
+        kind, row = rows[case]
+        jsonl.write_text(json.dumps(row) + "\n")
+        return kind, jsonl
+    if case == "deeply nested line":
+        jsonl.write_text("[" * 200_000 + "]" * 200_000 + "\n")
+    elif case == "5000-digit answer":
+        jsonl.write_text('{"problem": "x", "answer": ' + "9" * 5000 + "}\n")
+    elif case == "not UTF-8":
+        jsonl.write_bytes(b'{"problem": "caf\xe9", "answer": "1"}\n')
+    elif case == "corrupt parquet":
+        parquet = folder / "bench.parquet"
+        pq.write_table(pa.table({"problem": ["1+1?"] * 50, "answer": ["2"] * 50}), parquet)
+        parquet.write_bytes(parquet.read_bytes()[:60] + b"\0" * 200 + parquet.read_bytes()[260:])
+        return "math", parquet
+    elif case == "a folder":
+        (folder / "bench.jsonl").mkdir()
+    return "math", jsonl
+
+
+@pytest.mark.parametrize(
+    ("case", "needles"),
+    [
+        ("problem null", ("row 0 problem=None is a NoneType, not str",)),
+        ("answer a list", ("row 0 answer=[2] is a list, not str or int",)),
+        ("row not an object", ("line 1", "not a JSON object")),
+        ("question_content a number", ("row 0 question_content=7 is a int, not str",)),
+        ("pickle AttributeError", ("refuses to load (AttributeError",)),
+        ("pickle TypeError", ("refuses to load (TypeError",)),
+        ("pickle MemoryError", ("refuses to load (MemoryError",)),
+        ("tests repeated past 1 GB", ("1100 MB of tests, over 1024 MB",)),
+        ("5000-digit tests", ("public_test_cases is JSON rac cannot read (ValueError", "4300")),
+        ("deeply nested line", ("line 1 of benchmark file", "RecursionError")),
+        ("5000-digit answer", ("line 1 of benchmark file", "JSON rac cannot read (ValueError")),
+        ("not UTF-8", ("is not UTF-8 text (byte 16)",)),
+        ("corrupt parquet", ("is not readable Parquet",)),
+        ("a folder", ("is a folder",)),
+    ],
+)
+def test_hostile_benchmark_files_are_one_line(
+    in_tmp: Path, params_file: Callable[..., Path], tiny_model_dir: Path, case: str, needles: tuple[str, ...]
+) -> None:
+    kind, path = _bad_benchmark(in_tmp, case)
+    spec = {"kind": kind, "path": str(path), "split": "test", "instruction": ""}
+    spec["extractor"], spec["pattern"] = ("last_code_block" if kind == "code" else "boxed"), None
+    params = params_file(tiny_model_dir, {"benchmarks": {"bad": spec}, "task": "bad"})
+    result = _invoke("evaluate", "--params", str(params), "--model", str(tiny_model_dir), "--out", "out")
+    assert_bad_input(result, str(path), *needles)
+    assert not (in_tmp / "out").exists()
+
+
+def test_the_smallest_sandbox_limits_params_accept_still_run_a_program() -> None:
+    """The lower bounds of sandbox.* are not a silent 0: a program at every lower bound passes its tests."""
+    bounds = {name: low for name, (low, _) in SANDBOX_BOUNDS.items()}
+    limits = Limits(*(bounds[f.name] for f in dataclasses.fields(Limits)))
+    item = CodeFile(str(ROOT / "tests" / "fixtures" / "code_easy.jsonl"), "test").items(1, 0)[0]
+    row = next(
+        json.loads(line)
+        for line in (ROOT / "tests" / "fixtures" / "code_easy.jsonl").read_text().splitlines()
+        if json.loads(line)["question_content"] in item.text
+    )
+    assert judge(row["reference_solution"], item.answer, limits).verdict == "passed"
+
+
+# ---------------------------------------------------------------- tracebacks that are now one line
+
+
+@pytest.mark.parametrize(
+    ("task", "max_new_tokens", "needles"),
+    [
+        # the shipped code benchmark on the embedded model: each prompt alone passes its 512 positions
+        ("code_easy", 256, ("max_new_tokens=256 is", "beyond the 512-token context", "the prompt alone is too long")),
+        (
+            "arithmetic",
+            500,
+            ("max_new_tokens=500 is", "beyond the 512-token context", "lower evaluate.max_new_tokens to"),
+        ),
+    ],
+    ids=["code_easy", "arithmetic"],
+)
+def test_context_length_is_checked_before_any_engine_starts(
+    in_tmp: Path, params_file: Callable[..., Path], task: str, max_new_tokens: int, needles: tuple[str, ...]
+) -> None:
+    """On vLLM (the default backend) this was a pydantic ValidationError after the engine's start-up."""
+    shipped = yaml.safe_load(SHIPPED_PARAMS.read_text())["benchmarks"]
+    benchmarks = {"code_easy": {**shipped["code_easy"], "path": str(ROOT / shipped["code_easy"]["path"])}}
+    overrides = {
+        "task": task,
+        "benchmarks": benchmarks,
+        "evaluate": {"max_new_tokens": max_new_tokens, "n_problems": 8},
+    }
+    params = params_file(ROOT / "data" / "embedded", overrides)
+    result = _invoke("evaluate", "--params", str(params), "--dense", "--out", "out")
+    assert_bad_input(result, *needles)
+    assert not (in_tmp / "out").exists()
+
+
+# ---------------------------------------------------------------- hangs, refused up front
+
+
+def test_a_chunk_that_makes_too_many_files_for_this_model(
+    in_tmp: Path, params_file: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """hessians.chunk=16 passes params but makes 66k files for a model 4096 wide: refused before any forward, with
+    the chunk that would do."""
+    wide = save_tiny_qwen2(tmp_path_factory.mktemp("wide"), intermediate_size=4096)
+    params = str(params_file(wide, {"hessians": {"chunk": 16}}))
+    calib = _calibration(in_tmp / "calib.parquet", 2, 8, segment=[0] * 8)  # one segment: one array per group
+    result = _invoke("hessians", "--params", params, "--calib", str(calib), "--out", "h.zarr")
+    assert_bad_input(result, "hessians.chunk=16 makes 65852 chunk files for this model, over 50000", "raise it to 32")
+    assert not (in_tmp / "h.zarr").exists() and not (in_tmp / ".rac").exists()
+
+
+def test_a_backtracking_extractor_is_stopped_in_time() -> None:
+    """`(a|aa)+$` on 41 characters backtracks for hours with Python's re: the search is cut off and said."""
+    spec = BenchmarkSpec("arithmetic", None, "test", "", "regex", r"(a|aa)+$")
+    task = get_task("catastrophic", {"catastrophic": spec})
+    assert task.extract_answer("the answer: aaaa") == "a"
+    start = time.perf_counter()
+    with pytest.raises(RacError, match=r"benchmarks.catastrophic.pattern='\(a\|aa\)\+\$' ran over 2.0 s") as info:
+        task.extract_answer("a" * 40 + "b")
+    assert "\n" not in str(info.value) and time.perf_counter() - start < 60

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from stages.errors import RacError
 from stages.models import LinearGroup
 from stages.schemas import tmp_sibling
-from stages.store import MANIFEST, SCHEMA_VERSION, HessianStore, HessianWriter
+from stages.store import MANIFEST, SCHEMA_VERSION, HessianStore, HessianWriter, files_under
 
 FINGERPRINT = "0123456789abcdef"
 QKV = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
@@ -193,11 +193,17 @@ def test_refuses_truncated_extra_files_and_edited_attrs(tmp_path: Path) -> None:
 
 
 def test_refuses_non_finite_sums(tmp_path: Path) -> None:
+    """The writer refuses them before anything of the group is written; a reader refuses a store written
+    around the writer (by hand, or by an older rac)."""
     path = tmp_path / "rac.zarr"
     writer = _writer(path, GROUPS[:1])
     xtx = _sums(0, 40)
     xtx["decode"][3, 5] = np.nan
-    writer.write_group(0, QKV[0], QKV, xtx, N)
+    with pytest.raises(RacError, match=r"group 'layers/0/self_attn.q_proj' has non-finite decode sums"):
+        writer.write_group(0, QKV[0], QKV, xtx, N)
+    assert files_under(writer.build, "layers") == []
+    writer.write_group(0, QKV[0], QKV, _sums(0, 40), N)
+    writer.root[f"layers/0/{QKV[0]}/xtx_decode"][3, 5] = np.nan
     writer.seal()
     writer.publish(path)
     store = HessianStore(path, FINGERPRINT)

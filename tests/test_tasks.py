@@ -159,7 +159,7 @@ def test_extractors(name: str, pattern: str | None, text: str, expected: str | N
         ({"kind": "prose"}, r"benchmarks.arithmetic.kind='prose' is unknown; choose one of \['arithmetic', 'code'"),
         (
             {"extractor": "regex", "pattern": "Answer: (\\w+"},
-            r"benchmarks.arithmetic.pattern='Answer: \(\\\\w\+' does not compile \(missing \), unterminated subpattern",
+            r"benchmarks.arithmetic.pattern='Answer: \(\\\\w\+' does not compile \(missing \) at position",
         ),
         ({"extractor": "regex"}, r"benchmarks.arithmetic.pattern is not set; the regex extractor needs a pattern"),
         (

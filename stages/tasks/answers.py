@@ -3,12 +3,15 @@
 - ``boxed``: the content of the last ``\\boxed{…}`` or ``\\fbox{…}`` with balanced braces (DeepSeek-R1's format).
 - ``hashes``: the number after a final ``#### `` that ends the completion (GSM8K's format, the embedded task's).
 - ``last_number``: the last number written anywhere (thousands commas dropped).
-- ``regex``: the first group (or the whole match) of the last match of the benchmark's ``pattern``.
+- ``regex``: the first group (or the whole match) of the last match of the benchmark's ``pattern`` (each search
+  bounded in time).
 - ``last_code_block``: the lines between the last two lines holding a ``` fence (LiveCodeBench's rule).
 """
 
 import re
 from collections.abc import Callable
+
+import regex
 
 from stages.errors import RacError
 
@@ -49,19 +52,30 @@ def _last_number(text: str) -> str | None:
     return numbers[-1].replace(",", "") if numbers else None
 
 
-def compile_pattern(pattern: str | None, where: str) -> re.Pattern[str]:
+# A pattern that backtracks catastrophically (``(a|aa)+$``) can run for hours on one long completion: each search
+# stops after this long (the ``regex`` module's timeout; the standard ``re`` has none).
+REGEX_SECONDS = 2.0
+
+
+def compile_pattern(pattern: str | None, where: str) -> regex.Pattern[str]:
     """``pattern`` compiled; a missing or invalid one is a one-line error naming ``where``."""
     if not pattern:
         raise RacError(f"{where}.pattern is not set; the regex extractor needs a pattern such as 'Answer: (\\S+)'")
     try:
-        return re.compile(pattern)
-    except re.error as err:
+        return regex.compile(pattern)
+    except regex.error as err:
         raise RacError(f"{where}.pattern={pattern!r} does not compile ({err}); fix the regular expression") from err
 
 
-def _by_regex(pattern: re.Pattern[str]) -> Callable[[str], str | None]:
+def _by_regex(pattern: regex.Pattern[str], where: str) -> Callable[[str], str | None]:
     def extract(text: str) -> str | None:
-        matches = list(pattern.finditer(text))
+        try:
+            matches = list(pattern.finditer(text, timeout=REGEX_SECONDS))
+        except TimeoutError as err:
+            raise RacError(
+                f"{where}.pattern={pattern.pattern!r} ran over {REGEX_SECONDS} s on a completion of {len(text)} "
+                "characters (it backtracks catastrophically); anchor it, or drop nested repeats such as (a|aa)+"
+            ) from err
         if not matches:
             return None
         last = matches[-1]
@@ -91,7 +105,7 @@ EXTRACTORS = (*FIXED, "regex")
 def extractor(name: str, pattern: str | None, where: str) -> Callable[[str], str | None]:
     """The extractor called ``name`` (``regex`` uses ``pattern``); an unknown name is a one-line error."""
     if name == "regex":
-        return _by_regex(compile_pattern(pattern, where))
+        return _by_regex(compile_pattern(pattern, where), where)
     if name not in FIXED:
         raise RacError(f"{where}.extractor={name!r} is unknown; choose one of {list(EXTRACTORS)}")
     if pattern is not None:

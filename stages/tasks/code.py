@@ -33,7 +33,7 @@ from stages.errors import RacError
 from stages.sandbox import Limits, Outcome
 from stages.sandbox import run as run_sandboxed
 from stages.tasks.base import Item
-from stages.tasks.math_benchmarks import read_rows
+from stages.tasks.math_benchmarks import check_field, parse_json, read_rows
 
 REQUIRED_FIELDS = ("question_content", "starter_code", "public_test_cases", "private_test_cases", "metadata")
 # Every verdict a program can get, in the order the metrics list them.
@@ -86,31 +86,66 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it names {module}.{name}")
 
 
+# Decompressed private tests are at most this large (LiveCodeBench's largest are a few MB): a zlib bomb stops here.
+MAX_TESTS_BYTES = 1 << 30
+# What a malformed pickle raises besides UnpicklingError: opcodes on the wrong kind of object (AttributeError,
+# TypeError, IndexError, KeyError), a memo index or length it cannot allocate (MemoryError), a truncated stream.
+_PICKLE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    AttributeError,
+    TypeError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    MemoryError,
+)
+
+
+def _unpickle_tests(text: str, where: str) -> Any:
+    """The value of base64(zlib(pickle(...))) ``text``, built only of plain values and inflated at most
+    ``MAX_TESTS_BYTES``; a pickled text is read as JSON."""
+    try:
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(base64.b64decode(text.encode(), validate=True), MAX_TESTS_BYTES)
+    except (binascii.Error, zlib.error) as err:
+        raise RacError(f"{where} is neither JSON nor base64 of zlib data ({err}); fix the benchmark file") from err
+    if inflate.unconsumed_tail:
+        raise RacError(f"{where} inflates past {MAX_TESTS_BYTES >> 20} MB; fix the benchmark file")
+    try:
+        value = _PlainUnpickler(io.BytesIO(raw)).load()
+    except _PICKLE_ERRORS as err:
+        detail = err if isinstance(err, pickle.UnpicklingError) else f"{type(err).__name__}: {err}"
+        raise RacError(
+            f"{where} holds a pickle that rac refuses to load ({detail}): only strings, "
+            "numbers, lists and dicts are read, since unpickling anything else can run code; re-encode the tests "
+            "as JSON"
+        ) from err
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return parse_json(value, f"{where}: the pickled text") if isinstance(value, str) else value
+
+
 def decode_tests(text: str, where: str) -> list[dict[str, Any]]:
     """A test list stored as JSON text, or as base64(zlib(pickle(JSON text))) as LiveCodeBench stores private tests."""
     try:
         value: Any = json.loads(text)
     except json.JSONDecodeError:
-        try:
-            raw = zlib.decompress(base64.b64decode(text.encode(), validate=True))
-        except (binascii.Error, zlib.error) as err:
-            raise RacError(f"{where} is neither JSON nor base64 of zlib data ({err}); fix the benchmark file") from err
-        try:
-            value = _PlainUnpickler(io.BytesIO(raw)).load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as err:
-            raise RacError(
-                f"{where} holds a pickle that rac refuses to load ({err}): only strings, numbers, lists and dicts "
-                "are read, since unpickling anything else can run code; re-encode the tests as JSON"
-            ) from err
-        if isinstance(value, str | bytes):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as err:
-                raise RacError(f"{where}: the pickled text is not JSON ({err.msg}); fix the benchmark file") from err
+        value = _unpickle_tests(text, where)
+    except (ValueError, RecursionError) as err:  # an integer of over 4300 digits; nesting deeper than the stack
+        raise RacError(
+            f"{where} is JSON rac cannot read ({type(err).__name__}: {err}); fix the benchmark file"
+        ) from err
     if not isinstance(value, list) or not all(
         isinstance(t, dict) and isinstance(t.get("input"), str) and isinstance(t.get("output"), str) for t in value
     ):
         raise RacError(f"{where} is not a list of tests with string input and output; fix the benchmark file")
+    size = sum(len(t["input"]) + len(t["output"]) for t in value)  # a pickle may repeat one test by reference
+    if size > MAX_TESTS_BYTES:
+        raise RacError(
+            f"{where} holds {size >> 20} MB of tests, over {MAX_TESTS_BYTES >> 20} MB; fix the benchmark file"
+        )
     return value
 
 
@@ -135,14 +170,17 @@ class CodeFile:
         missing = [f for f in REQUIRED_FIELDS if f not in row]
         if missing:
             raise RacError(f"{where} lacks fields {missing}; LiveCodeBench rows hold {list(REQUIRED_FIELDS)}")
+        for field in ("question_content", "public_test_cases", "private_test_cases"):
+            check_field(row[field], (str,), f"{where} {field}")
+        check_field(row["starter_code"], (str, type(None)), f"{where} starter_code")
+        check_field(row["metadata"], (str, dict), f"{where} metadata")
         tests = [
-            *decode_tests(str(row["public_test_cases"]), f"{where} public_test_cases"),
-            *decode_tests(str(row["private_test_cases"]), f"{where} private_test_cases"),
+            *decode_tests(row["public_test_cases"], f"{where} public_test_cases"),
+            *decode_tests(row["private_test_cases"], f"{where} private_test_cases"),
         ]
-        try:
-            metadata = json.loads(row["metadata"]) if isinstance(row["metadata"], str) else row["metadata"]
-        except json.JSONDecodeError as err:
-            raise RacError(f"{where} metadata is not JSON ({err.msg}); fix the benchmark file") from err
+        metadata = (
+            parse_json(row["metadata"], f"{where} metadata") if isinstance(row["metadata"], str) else row["metadata"]
+        )
         fn_name = metadata.get("func_name") if isinstance(metadata, dict) else None
         if not tests:
             raise RacError(f"{where} has no tests; a problem needs public or private test cases")
@@ -151,7 +189,7 @@ class CodeFile:
         answer = json.dumps(
             {"fn_name": fn_name, "tests": [[t["input"], t["output"], t.get("testtype") == "functional"] for t in tests]}
         )
-        return Item(prompt_body(str(row["question_content"]), str(row["starter_code"] or "")), "", answer)
+        return Item(prompt_body(row["question_content"], row["starter_code"] or ""), "", answer)
 
     def items(self, n: int, seed: int) -> list[Item]:
         """The first ``n`` problems of the permutation drawn with ``seed``."""

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from math_verify import parse, verify
 
@@ -37,17 +38,53 @@ SUFFIXES = (".jsonl", ".parquet")
 _HUB_ID_RE = re.compile(r"[\w.-]+/[\w.-]+")
 
 
+def parse_json(text: str, where: str) -> Any:
+    """``text`` as JSON; malformed, nested deeper than Python's stack, or with an integer of over 4300 digits
+    (Python's limit): a one-line error naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RacError(f"{where} is not JSON ({err.msg}, column {err.colno}); fix the benchmark file") from err
+    except (ValueError, RecursionError) as err:
+        raise RacError(
+            f"{where} is JSON rac cannot read ({type(err).__name__}: {err}); fix the benchmark file"
+        ) from err
+
+
+def check_field(value: Any, types: tuple[type, ...], where: str) -> None:
+    """``value`` is one of ``types`` (a bool is not an int); else a one-line error."""
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise RacError(f"{where}={shown} is a {type(value).__name__}, not {names}; fix the benchmark file")
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a JSONL file, skipping blank lines."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RacError(f"benchmark file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+    except MemoryError as err:
+        raise RacError(f"benchmark file {str(path)!r} does not fit in memory; split it or use Parquet") from err
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise RacError(f"line {lineno} of benchmark file {str(path)!r} is not JSON ({e.msg}); fix the file") from e
+        row = parse_json(line, f"line {lineno} of benchmark file {str(path)!r}")
+        if not isinstance(row, dict):
+            raise RacError(f"line {lineno} of benchmark file {str(path)!r} is not a JSON object; fix the file")
+        rows.append(row)
     return rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    """The rows of a Parquet file; a corrupt file, or one that does not fit in memory, is a one-line error."""
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, MemoryError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RacError(f"benchmark file {str(path)!r} is not readable Parquet ({first}); fix or convert it") from err
 
 
 def _read_hub(hub_id: str, split: str) -> list[dict[str, Any]]:
@@ -66,6 +103,8 @@ def _read_hub(hub_id: str, split: str) -> list[dict[str, Any]]:
 def read_rows(path: str, split: str) -> list[dict[str, Any]]:
     """The rows of the benchmark at ``path``: a local ``.jsonl`` or ``.parquet`` file, or ``split`` of a hub id."""
     local = Path(path)
+    if local.is_dir():
+        raise RacError(f"benchmark path {path!r} is a folder; point it at a .jsonl or .parquet file")
     if not local.exists():
         if local.suffix in SUFFIXES or not _HUB_ID_RE.fullmatch(path):
             raise RacError(f"benchmark path {path!r} does not exist; pass a local .jsonl or .parquet file")
@@ -73,7 +112,7 @@ def read_rows(path: str, split: str) -> list[dict[str, Any]]:
     if local.suffix == ".jsonl":
         return _read_jsonl(local)
     if local.suffix == ".parquet":
-        return pq.read_table(local).to_pylist()
+        return _read_parquet(local)
     raise RacError(
         f"benchmark path {path!r} has unsupported extension {local.suffix!r}; convert it to .jsonl or .parquet"
     )
@@ -85,17 +124,18 @@ class MathFile:
     def __init__(self, path: str, split: str) -> None:
         self.path = path
         rows = read_rows(path, split)
-        for index, row in enumerate(rows):
-            missing = [f for f in REQUIRED_FIELDS if f not in row]
-            if missing:
-                raise RacError(
-                    f"benchmark file {path!r} row {index} lacks fields {missing}; expected fields: {EXPECTED_FIELDS}"
-                )
-        self._items = [
-            Item(str(row["problem"]).strip(), str(row.get("solution") or ""), str(row["answer"]).strip())
-            for row in rows
-        ]
+        self._items = [self._item(row, index) for index, row in enumerate(rows)]
         self.size = len(self._items)
+
+    def _item(self, row: dict[str, Any], index: int) -> Item:
+        where = f"benchmark file {self.path!r} row {index}"
+        missing = [f for f in REQUIRED_FIELDS if f not in row]
+        if missing:
+            raise RacError(f"{where} lacks fields {missing}; expected fields: {EXPECTED_FIELDS}")
+        check_field(row["problem"], (str,), f"{where} problem")
+        check_field(row["answer"], (str, int), f"{where} answer")  # AIME answers may be integers
+        check_field(row.get("solution"), (str, type(None)), f"{where} solution")
+        return Item(row["problem"].strip(), row.get("solution") or "", str(row["answer"]).strip())
 
     def items(self, n: int, seed: int) -> list[Item]:
         """The first ``n`` problems of the permutation drawn with ``seed``: all of them when ``n`` is the size."""
