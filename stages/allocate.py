@@ -116,13 +116,14 @@ def _owl(
     p: Params, skeleton: Skeleton, store: HessianStore, members: list[tuple[LinearGroup, str]], device: torch.device
 ) -> float:
     """OWL's outlier ratio of one layer's in-scope linears, on diag H of the run's mix."""
+    diag_of: dict[str, torch.Tensor] = {}  # [in] per input group
     Ws, diags = [], []
-    for group in {g.name: g for g, _ in members}.values():
-        diag = torch.diag(hessian_from_sums(_sums(store, group, device), store.n_tokens, p.prune.mix))  # [in]
-        for g, m in members:
-            if g.name == group.name:
-                Ws.append(_weights(skeleton, g.layer, m))
-                diags.append(diag)
+    for group, member in members:
+        if group.name not in diag_of:
+            H = hessian_from_sums(_sums(store, group, device), store.n_tokens, p.prune.mix)  # [in, in]
+            diag_of[group.name] = torch.diag(H)
+        Ws.append(_weights(skeleton, group.layer, member))
+        diags.append(diag_of[group.name])
     return outlier_ratio(Ws, diags, p.prune.outlier_threshold)
 
 
@@ -130,16 +131,18 @@ def _shift(
     p: Params, skeleton: Skeleton, store: HessianStore, members: list[tuple[LinearGroup, str]], device: torch.device
 ) -> float:
     """The decode shift of one layer's in-scope linears at ``sparsity``."""
+    H_of: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (H_prompt, H_decode) [in, in] per input group
     Ws, H_ps, H_ds = [], [], []
-    for group in {g.name: g for g, _ in members}.values():
-        sums = _sums(store, group, device)
-        H_p = hessian_from_sums(sums, store.n_tokens, PROMPT_ONLY)  # [in, in]
-        H_d = hessian_from_sums(sums, store.n_tokens, DECODE_ONLY)  # [in, in]
-        for g, m in members:
-            if g.name == group.name:
-                Ws.append(_weights(skeleton, g.layer, m))
-                H_ps.append(H_p)
-                H_ds.append(H_d)
+    for group, member in members:
+        if group.name not in H_of:
+            sums = _sums(store, group, device)
+            H_of[group.name] = (
+                hessian_from_sums(sums, store.n_tokens, PROMPT_ONLY),
+                hessian_from_sums(sums, store.n_tokens, DECODE_ONLY),
+            )
+        Ws.append(_weights(skeleton, group.layer, member))
+        H_ps.append(H_of[group.name][0])
+        H_ds.append(H_of[group.name][1])
     return decode_shift(Ws, H_ps, H_ds, p.sparsity)
 
 

@@ -1,6 +1,6 @@
 """The real pipeline through DVC: `dvc repro`, then `dvc repro -f` gives a byte-identical dvc.lock (every out
-is a pure function of its inputs), then `dvc exp run -S sparsity=…` re-runs only prune, evaluate and report,
-and leaves the Hessian stores untouched."""
+is a pure function of its inputs), then `dvc exp run -S sparsity=… -S prune.allocation=owl` re-runs only prune,
+evaluate and report, and leaves the Hessian stores and loss tables untouched."""
 
 import hashlib
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import DVC, SMALL_PIPELINE, dvc_project, git_commit, run_cmd
 
-UPSTREAM = ("rollout", "calibrate@", "hessians@")
+UPSTREAM = ("rollout", "calibrate@", "hessians@", "losses@")
 
 
 def _tree_digest(path: Path) -> dict[str, str]:
@@ -47,7 +47,7 @@ def test_repro_then_sparsity_experiment_reuses_hessians(tmp_path: Path) -> None:
     mtimes = {s: (repo / "data" / "hessians" / f"{s}.zarr" / "zarr.json").stat().st_mtime_ns for s in stores}
     git_commit(repo, "repro")
 
-    second = run_cmd([*DVC, "exp", "run", "-S", "sparsity=0.5"], repo)
+    second = run_cmd([*DVC, "exp", "run", "-S", "sparsity=0.5", "-S", "prune.allocation=owl"], repo)
     ran = [line for line in second.splitlines() if line.startswith("Running stage")]
     assert not [line for line in ran if any(f"'{u}" in line for u in UPSTREAM)], ran
     assert "Running stage 'evaluate_dense'" not in second
@@ -59,6 +59,11 @@ def test_repro_then_sparsity_experiment_reuses_hessians(tmp_path: Path) -> None:
     report = json.loads((repo / "data" / "prune" / "rac" / "report.json").read_text())
     assert report["target_sparsity"] == 0.5
     assert abs(report["achieved_sparsity"] - 0.5) < 1e-3
+    assert report["allocation"]["method"] == "owl" and len(set(report["allocation"]["targets"])) > 1
+    plots = json.loads(run_cmd([*DVC, "plots", "show", "--json"], repo))["data"]
+    (targets,) = plots["per-layer target sparsity per calibration source"]
+    points = {(v["filename"], int(v["layer"])) for v in targets["content"]["data"]["values"]}
+    assert len(points) == len(params["sources"]) * params["toy"]["num_layers"], points
 
     shown = json.loads(run_cmd([*DVC, "exp", "show", "--json"], repo))
     assert "data/evaluate/rac/metrics.json" in json.dumps(shown)
