@@ -60,7 +60,8 @@ def test_repro_then_sparsity_experiment_reuses_hessians(tmp_path: Path) -> None:
     assert report["target_sparsity"] == 0.5
     assert abs(report["achieved_sparsity"] - 0.5) < 1e-3
     assert report["allocation"]["method"] == "owl" and len(set(report["allocation"]["targets"])) > 1
-    plots = json.loads(run_cmd([*DVC, "plots", "show", "--json"], repo))["data"]
+    # The JSON, then DVC's note on stderr that the sweep's plots have no data yet.
+    plots = json.JSONDecoder().raw_decode(run_cmd([*DVC, "plots", "show", "--json"], repo))[0]["data"]
     (targets,) = plots["per-layer target sparsity per calibration source"]
     points = {(v["filename"], int(v["layer"])) for v in targets["content"]["data"]["values"]}
     assert len(points) == len(params["sources"]) * params["toy"]["num_layers"], points
