@@ -204,15 +204,15 @@ def run(
         sequential = _Sequential(p, calib, skeleton, groups, out)
         source, inputs = sequential.source, str(calib)
         log.info("sequential calibration memory plan (GB): %s", sequential.memory.as_dict())
-    n_layers = len(skeleton.layers)
-    start = time.perf_counter()
-    allocation = allocate(p, skeleton, groups, store, losses, device)
-    allocation_seconds = time.perf_counter() - start
     if sequential is not None and store is not None and store.attrs["source"] != source:
         raise RacError(
             f"prune allocates from store {str(hessians)!r} of source {store.attrs['source']!r} but calibrates on "
             f"{source!r}; pass the store of the same source"
         )
+    n_layers = len(skeleton.layers)
+    start = time.perf_counter()
+    allocation = allocate(p, skeleton, groups, store, losses, device)
+    allocation_seconds = time.perf_counter() - start
     targets = allocation.targets
     selected = selected_layers(p.prune.layers, p.prune.overrides, n_layers)
     check_layer_shapes(p, skeleton, groups, targets)

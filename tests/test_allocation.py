@@ -311,17 +311,33 @@ def test_prune_meets_each_layer_target(
     assert float(csv[1].split(",")[1]) == expected.targets[0]
 
 
-def test_decode_shift_on_a_store_without_decode_tokens_is_uniform(
-    setup: dict[str, Any], params: Callable[..., Params], tmp_path: Path
-) -> None:
+def _prompt_store(p: Params, tmp_path: Path) -> Path:
+    """A store of prompt tokens only, as the prompt source has."""
     rows = [{"seq_id": 0, "token_ids": list(range(4, 44)), "segment": [0] * 40, "source": "prompt"}]
     calib, store = tmp_path / "prompt.parquet", tmp_path / "prompt.zarr"
     write_parquet(rows, CALIBRATION, calib, {"source": "prompt"})
-    p = params({"sparsity": 0.6, "prune": {"allocation": "decode_shift"}})
     hessians.run(p, calib, store, 1)
-    prune.run(p, store, None, tmp_path / "pruned")
+    return store
+
+
+def test_decode_shift_on_a_store_without_decode_tokens_is_uniform(
+    params: Callable[..., Params], tmp_path: Path
+) -> None:
+    p = params({"sparsity": 0.6, "prune": {"allocation": "decode_shift"}})
+    prune.run(p, _prompt_store(p, tmp_path), None, tmp_path / "pruned")
     a = json.loads((tmp_path / "pruned" / "report.json").read_text())["allocation"]
     assert a["targets"] == [0.6] * 4 and a["scores"] == [0.0] * 4 and "no decode tokens" in a["note"]
+
+
+def test_sequential_allocation_refuses_a_store_of_another_source(
+    setup: dict[str, Any], params: Callable[..., Params], tmp_path: Path
+) -> None:
+    p = params({"sparsity": 0.6, "prune": {"allocation": "owl", "calibration": "sequential"}})
+    with pytest.raises(RacError, match="of source 'prompt' but calibrates on 'rac'; pass the store of the same"):
+        prune.run(p, _prompt_store(p, tmp_path), setup["calib"], tmp_path / "pruned")
+    with pytest.raises(RacError, match=r"prune\.allocation='owl' reads a Hessian store: pass --hessians"):
+        prune.run(p, None, setup["calib"], tmp_path / "pruned")
+    assert not (tmp_path / "pruned").exists()
 
 
 @pytest.mark.parametrize(
