@@ -2,13 +2,14 @@
 project's cached stores and evaluated in one run, with the extra cost of each method over a uniform prune.
 
 Per model: accuracy ± SE, mean CoT tokens, the fraction that hit the length limit (``rac evaluate``), and the
-held-out perplexity of the dense model's own greedy chains of thought on the evaluation problems (completion tokens
-only; evaluated in this run, so never seen by calibration), which measures how far each pruned model drifts from
-the dense one on the tokens a reasoning model generates. Per prune: the stage's wall seconds and, from its
-timings, ``allocation_seconds`` (the method's whole extra work: the store and weights read again, the scores or
-the table read, the targets solved; no forward pass) and ``solver_seconds``. The ``loss`` table (``rac losses``)
-is paid once per source and is shown apart. It reads what ``dvc repro`` left in ``data/`` (rollout, calibrate,
-hessians) of the project it runs in and writes only under ``--work``.
+held-out perplexity of chains of thought the dense model samples (temperature 1) on the evaluation problems
+(completion tokens only; generated in this run, never seen by calibration). Its log is the cross-entropy
+E_{x~dense}[−log q(x)] = H(dense) + KL(dense ‖ q), so it grows with how far a pruned model q drifts from the dense
+one on the tokens a reasoning model generates (greedy chains would not do: a sharper model scores them higher).
+Per prune: the stage's wall seconds and, from its timings, ``allocation_seconds`` (the method's whole extra work:
+the store and weights read again, the scores or the table read, the targets solved; no forward pass). The ``loss``
+table (``rac losses``) is paid once per source and is shown apart. It reads what ``dvc repro`` left in ``data/``
+(rollout, calibrate, hessians) of the project it runs in and writes only under ``--work``.
 
     python benchmarks/allocation_compare.py --sparsities 0.7 0.8 --sources prompt rac
 """
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.7, 0.8])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--sources", nargs="+", default=["prompt", "rac"])
-    parser.add_argument("--work", type=Path, default=None, help="where models go (default: a temp folder)")
+    parser.add_argument("--work", type=Path, default=None, help="where models go, kept (default: a temp folder)")
     args = parser.parse_args()
     project = args.project.resolve()
     base = yaml.safe_load((project / "params.yaml").read_text())
@@ -113,12 +114,15 @@ def main() -> None:
         "allocation s | targets (layer 0 …) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        work = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work.resolve() if args.work is not None else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         dense_params = write_params(base, {}, work / "dense.yaml")
         dense = evaluated(project, dense_params, None, work / "e-dense")
-        sequences = held_out(work / "e-dense" / "samples.parquet", base["model"])
-        ppl = perplexity(project / base["model"] if not Path(base["model"]).is_absolute() else base["model"], sequences)
+        sampling = write_params(base, {"evaluate.temperature": 1.0, "evaluate.top_p": 1.0}, work / "sampled.yaml")
+        evaluated(project, sampling, None, work / "e-dense-sampled")
+        sequences = held_out(work / "e-dense-sampled" / "samples.parquet", base["model"])
+        ppl = perplexity(project / base["model"], sequences)
         lines.append(
             f"| 0 | dense | - | {dense['accuracy']:.3f} ± {dense['accuracy_se']:.3f} | "
             f"{dense['mean_cot_tokens']:.1f} | {dense['frac_hit_max']:.3f} | {ppl:.4f} | - | - | - |"
