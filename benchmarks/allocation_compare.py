@@ -31,7 +31,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from stages.models import load_tokenizer
+from stages.models import encode_prompt, load_tokenizer
 
 METHODS = ("uniform", "owl", "loss", "decode_shift")
 
@@ -59,15 +59,19 @@ def write_params(base: dict[str, Any], changes: dict[str, Any], path: Path) -> P
     return path
 
 
-def held_out(samples: Path, tokenizer_model: str) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + completion, number of prompt tokens) of each dense greedy sample."""
-    tokenizer = load_tokenizer(tokenizer_model)
+def held_out(samples: Path, model: str, system_prompt: str) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + completion, number of prompt tokens) of each sample: the prompt as the model saw it
+    (BOS or chat template), the completion re-encoded, and EOS where the sample stopped on it."""
+    tokenizer = load_tokenizer(model)
     out = []
     for row in pq.read_table(samples).to_pylist():
-        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-        if completion:
-            out.append((prompt + completion, len(prompt)))
+        prompt = encode_prompt(tokenizer, row["prompt"], system_prompt)
+        completion = tokenizer.encode(row["completion"], add_special_tokens=False)
+        if row["finish_reason"] == "stop":
+            completion.append(tokenizer.eos_token_id)
+        if len(completion) != row["n_completion_tokens"]:
+            raise SystemExit(f"{samples}: a completion re-encodes to other tokens than the model generated")
+        out.append((prompt + completion, len(prompt)))
     return out
 
 
@@ -121,11 +125,11 @@ def main() -> None:
         dense = evaluated(project, dense_params, None, work / "e-dense")
         sampling = write_params(base, {"evaluate.temperature": 1.0, "evaluate.top_p": 1.0}, work / "sampled.yaml")
         evaluated(project, sampling, None, work / "e-dense-sampled")
-        sequences = held_out(work / "e-dense-sampled" / "samples.parquet", base["model"])
+        sequences = held_out(work / "e-dense-sampled" / "samples.parquet", base["model"], base["chat"]["system_prompt"])
         ppl = perplexity(project / base["model"], sequences)
         lines.append(
             f"| 0 | dense | - | {dense['accuracy']:.3f} ± {dense['accuracy_se']:.3f} | "
-            f"{dense['mean_cot_tokens']:.1f} | {dense['frac_hit_max']:.3f} | {ppl:.4f} | - | - | - |"
+            f"{dense['mean_cot_tokens']:.1f} | {dense['frac_hit_max']:.3f} | {ppl:.5f} | - | - | - |"
         )
         print(lines[-1], flush=True)
         table_seconds: dict[str, float] = {}
@@ -158,7 +162,7 @@ def main() -> None:
                     m = evaluated(project, params, model, work / f"e-{name}")
                     lines.append(
                         f"| {sparsity} | {method} | {source} | {m['accuracy']:.3f} ± {m['accuracy_se']:.3f} | "
-                        f"{m['mean_cot_tokens']:.1f} | {m['frac_hit_max']:.3f} | {perplexity(model, sequences):.4f} | "
+                        f"{m['mean_cot_tokens']:.1f} | {m['frac_hit_max']:.3f} | {perplexity(model, sequences):.5f} | "
                         f"{seconds:.1f} | {t['allocation_seconds']:.2f} | {' '.join(f'{x:.3f}' for x in targets)} |"
                     )
                     print(lines[-1], flush=True)
