@@ -250,16 +250,33 @@ def hessians_merge(params_path: Path, out: Path, stores: tuple[Path, ...]) -> No
 @click.option(
     "--calib", type=click.Path(path_type=Path), help="Calibration Parquet to walk (prune.calibration: sequential)."
 )
+@click.option("--losses", type=click.Path(path_type=Path), help="Loss table to read (prune.allocation: loss).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Compressed model directory to write.")
 @TIMINGS_OPTION
-def prune(params_path: Path, store: Path | None, calib: Path | None, out: Path, timings: Path | None) -> None:
+def prune(
+    params_path: Path, store: Path | None, calib: Path | None, losses: Path | None, out: Path, timings: Path | None
+) -> None:
     """Prune (and with ``quant.bits``, quantize) the dense model with ``pruner`` at ``sparsity``: on cached Hessians
     (dense calibration), or walking the layers of the model compressed so far (sequential); written as
     ``prune.export`` (hf or compressed-tensors)."""
     from stages import prune as stage
 
     p = _params(params_path)
-    _timed("prune", timings, lambda: stage.run(p, store, calib, out))
+    _timed("prune", timings, lambda: stage.run(p, store, calib, out, losses))
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--hessians", "store", type=click.Path(path_type=Path), required=True, help="Hessian store to read.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Loss table (Parquet) to write.")
+@TIMINGS_OPTION
+def losses(params_path: Path, store: Path, out: Path, timings: Path | None) -> None:
+    """Table each pruner of ``losses.pruners``'s layer loss on every decoder linear at ``losses.sparsities``, for
+    ``prune.allocation: loss``."""
+    from stages import losses as stage
+
+    p = _params(params_path)
+    _timed("losses", timings, lambda: stage.run(p, store, out))
 
 
 @main.command()

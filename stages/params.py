@@ -20,7 +20,8 @@ from stages.models import check_model_dir, looks_local, model_ref
 from stages.sandbox import Limits
 from stages.schemas import SEGMENT_IDS, SOURCES, atomic_path
 from stages.selection import SCOPES, check_layers
-from stages.solvers import KERNELS, QUANT_BITS, OptionError, Options, QuantSpec, check_solver, parse_pattern
+from stages.solvers import KERNELS, QUANT_BITS, SOLVERS, OptionError, Options, QuantSpec, check_solver, parse_pattern
+from stages.solvers.allocation import ALLOCATIONS, check_bounds
 from stages.tasks import BenchmarkSpec, check_benchmark, check_task
 
 # prune.calibration: the Hessians of each layer from the dense model's activations (the cached store), or
@@ -34,6 +35,8 @@ EVAL_QUANTIZATIONS = ("fp8",)
 # the stages name the key.
 OPTION_KEYS = {
     "mix": "prune.mix",
+    "spread": "prune.spread",
+    "outlier_threshold": "prune.outlier_threshold",
     "pattern": "prune.pattern",
     "block_size": "prune.block_size",
     "damp": "prune.damp",
@@ -45,9 +48,10 @@ OPTION_KEYS = {
 }
 
 
-def in_params_terms(err: OptionError) -> str:
-    """A solver's error with each option it names (``group_size=…``) named by its params.yaml key."""
-    return err.render(OPTION_KEYS)
+def in_params_terms(err: ValueError) -> str:
+    """A solver's error with each option it names (``group_size=…``) named by its params.yaml key; an error that
+    names no option (bad data, not bad settings) is its own message."""
+    return err.render(OPTION_KEYS) if isinstance(err, OptionError) else str(err)
 
 
 KEEP = ("all", "correct")  # rollout.keep: which traces the rac source calibrates on
@@ -291,9 +295,16 @@ class PruneParams:
     damp: float
     mix: dict[str, float]
     export: str
+    allocation: str
+    spread: float
+    outlier_threshold: float
 
     def check(self) -> None:
         _choice("prune.calibration", self.calibration, CALIBRATIONS)
+        _choice("prune.allocation", self.allocation, ALLOCATIONS)
+        if not 0 <= self.spread < 1:
+            raise RacError(f"prune.spread={self.spread!r} must be in [0, 1): how far a layer's target may stray")
+        _positive("prune.outlier_threshold", self.outlier_threshold)
         _choice("prune.export", self.export, EXPORTS)
         _choice("prune.kernel", self.kernel, ("auto", *KERNELS))
         _choice("prune.scope", self.scope, SCOPES)
@@ -306,6 +317,23 @@ class PruneParams:
             raise RacError(f"prune.mix={self.mix!r} must give a weight to each of {list(SEGMENT_IDS)}")
         if any(w < 0 for w in self.mix.values()) or not any(w > 0 for w in self.mix.values()):
             raise RacError(f"prune.mix={self.mix!r}: weights must be >= 0 and not all 0")
+
+
+@dataclass(frozen=True)
+class LossesParams:
+    """The per-linear loss tables that ``prune.allocation: loss`` reads: which pruners, at which sparsities."""
+
+    pruners: list[str]
+    sparsities: list[float]
+
+    def check(self) -> None:
+        for name in self.pruners:
+            _choice("losses.pruners[]", name, tuple(n for n in SOLVERS if n != "gptq"))
+        if len(set(self.pruners)) != len(self.pruners):
+            raise RacError(f"losses.pruners={self.pruners!r} names a pruner twice; list each once")
+        grid = self.sparsities
+        if not grid or sorted(set(grid)) != list(grid) or grid[0] <= 0 or grid[-1] >= 1:
+            raise RacError(f"losses.sparsities={grid!r} must be increasing fractions in (0, 1), e.g. [0.5, 0.6, 0.7]")
 
 
 @dataclass(frozen=True)
@@ -428,6 +456,7 @@ class Params:
     activations: ActivationsParams
     hessians: HessiansParams
     prune: PruneParams
+    losses: LossesParams
     quant: QuantParams
     evaluate: EvaluateParams
     analyze: AnalyzeParams
@@ -465,6 +494,36 @@ class Params:
                 except OptionError as err:
                     raise RacError(in_params_terms(err)) from err
         self.check_compression()
+        self.check_allocation()
+
+    def check_allocation(self) -> None:
+        """prune.allocation can meet ``sparsity`` within ``prune.spread`` with this pattern and loss table."""
+        p = self.prune
+        if p.allocation == "uniform" or p.spread == 0 or self.sparsity == 0:
+            return
+        if p.pattern != "unstructured":
+            raise RacError(
+                f"prune.allocation={p.allocation!r} gives layers different sparsities, but prune.pattern="
+                f"{p.pattern!r} prunes exactly N/M everywhere; set prune.allocation uniform (or prune.spread 0) or "
+                "prune.pattern unstructured"
+            )
+        try:
+            lo, hi = check_bounds(self.sparsity, p.spread)
+        except ValueError as err:
+            raise RacError(f"prune.allocation={p.allocation!r}: {in_params_terms(err)}") from err
+        if p.allocation != "loss":
+            return
+        if self.pruner not in self.losses.pruners:
+            raise RacError(
+                f"prune.allocation='loss' reads the loss table of pruner={self.pruner!r}, but losses.pruners="
+                f"{self.losses.pruners!r} lacks it; add it, e.g. -S 'losses.pruners=[{self.pruner}]'"
+            )
+        grid = self.losses.sparsities
+        if lo < grid[0] or hi > grid[-1]:
+            raise RacError(
+                f"prune.allocation='loss' needs losses.sparsities to cover [{lo:.4g}, {hi:.4g}] (sparsity ± "
+                f"prune.spread), but they span [{grid[0]!r}, {grid[-1]!r}]; add sparsities or lower prune.spread"
+            )
 
     def options(self, sparsity: float) -> Options:
         """The solvers' options for a layer pruned to ``sparsity``."""
@@ -493,6 +552,7 @@ _SECTIONS = {
     "activations": ActivationsParams,
     "hessians": HessiansParams,
     "prune": PruneParams,
+    "losses": LossesParams,
     "quant": QuantParams,
     "evaluate": EvaluateParams,
     "analyze": AnalyzeParams,

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -26,9 +25,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from stages.allocate import Allocation, allocate
 from stages.errors import RacError
 from stages.export import linear_tensors, quantization_config
 from stages.hessians import check_token_ids
+from stages.kernels import resolve_kernel
 from stages.layers import (
     Accumulator,
     ActivationCache,
@@ -43,7 +44,7 @@ from stages.layers import (
 from stages.models import LinearGroup, compute_device, fingerprint, load_tokenizer, tokenizer_files
 from stages.params import Params, in_params_terms
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
-from stages.selection import in_scope, layer_sparsities, selected_layers
+from stages.selection import in_scope, selected_layers
 from stages.solvers import Compressed, OptionError, Quantized, hessian_from_sums, mixed_count, solve_group
 from stages.solvers.masks import layer_pattern
 from stages.solvers.quant import check_spec
@@ -53,16 +54,7 @@ from stages.workspace import repo_root
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
-
-
-def resolve_kernel(kernel: str, quantize: bool) -> str:
-    """``auto`` is the fused Triton kernel on CUDA when nothing is quantized, and torch otherwise; ``triton``
-    needs CUDA or the interpreter."""
-    if kernel == "auto":
-        return "triton" if torch.cuda.is_available() and not quantize else "torch"
-    if kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RacError("prune.kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 to test); use auto or torch")
-    return kernel
+ALLOCATION_CSV = "allocation.csv"  # per-layer target, achieved sparsity and loss: what `dvc plots` draws
 
 
 def _check_mix(counts: dict[str, int], p: Params, where: str) -> None:
@@ -180,16 +172,19 @@ def _shard_name(k: int, n: int) -> str:
 
 
 @torch.no_grad()
-def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict[str, float]:
-    """Prune the selected linears of every decoder layer with ``p.pruner`` on H of ``p.prune.calibration``; return
-    the solver seconds and the peak RSS."""
+def run(
+    p: Params, hessians: Path | None, calib: Path | None, out: Path, losses: Path | None = None
+) -> dict[str, float]:
+    """Prune the selected linears of every decoder layer with ``p.pruner`` on H of ``p.prune.calibration``, to the
+    targets of ``p.prune.allocation`` (read from the store and, for ``loss``, the table ``losses``); return the
+    solver and allocation seconds and the peak RSS."""
     mode = p.prune.calibration
     if mode == "dense" and hessians is None:
         raise RacError("prune.calibration=dense reads a Hessian store: pass --hessians data/hessians/SOURCE.zarr")
     if mode == "sequential" and calib is None:
         raise RacError(
-            "prune.calibration=sequential accumulates its own Hessians from the pruned model's activations, so a "
-            "Hessian store (--hessians) is of no use to it: pass --calib data/calibrate/SOURCE.parquet"
+            "prune.calibration=sequential accumulates its own Hessians from the pruned model's activations (a "
+            "Hessian store serves only prune.allocation): pass --calib data/calibrate/SOURCE.parquet"
         )
     kernel = resolve_kernel(p.prune.kernel, p.quant.spec is not None)
     device = compute_device()
@@ -197,19 +192,28 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
     groups = skeleton.groups()
     store: HessianStore | None = None
     sequential: _Sequential | None = None
-    if mode == "dense":
-        assert hessians is not None
+    if hessians is not None and (mode == "dense" or p.prune.allocation != "uniform"):
         store = HessianStore(hessians, fingerprint(p.dense))
         _check_mix(store.n_tokens, p, repr(str(hessians)))
         store.require_groups(groups)  # else a layer missing from the store would stay dense, unreported
+    if mode == "dense":
+        assert store is not None
         source, inputs = store.attrs["source"], str(hessians)
     else:
         assert calib is not None
         sequential = _Sequential(p, calib, skeleton, groups, out)
         source, inputs = sequential.source, str(calib)
         log.info("sequential calibration memory plan (GB): %s", sequential.memory.as_dict())
+    if sequential is not None and store is not None and store.attrs["source"] != source:
+        raise RacError(
+            f"prune allocates from store {str(hessians)!r} of source {store.attrs['source']!r} but calibrates on "
+            f"{source!r}; pass the store of the same source"
+        )
     n_layers = len(skeleton.layers)
-    targets = layer_sparsities(p.sparsity, p.prune.scope, p.prune.layers, p.prune.overrides, n_layers)
+    start = time.perf_counter()
+    allocation = allocate(p, skeleton, groups, store, losses, device)
+    allocation_seconds = time.perf_counter() - start
+    targets = allocation.targets
     selected = selected_layers(p.prune.layers, p.prune.overrides, n_layers)
     check_layer_shapes(p, skeleton, groups, targets)
     rows: list[dict[str, Any]] = []
@@ -227,10 +231,10 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
                 name = skeleton.prefix(i).rstrip(".")
                 quantize = p.quant.spec is not None and i in selected
                 with skeleton.loaded(name) as layer:
-                    if store is not None:
+                    if sequential is None:
+                        assert store is not None
                         H_of = _store_hessian(store, p, device)
                     else:
-                        assert sequential is not None
                         H_of = _walk_hessian(sequential, p, layer, i, mine, targets[i] > 0 or quantize, device)
                     layer_rows, quantized, seconds = _compressed_layer(
                         p, layer, i, mine, targets[i], quantize, H_of, kernel
@@ -252,13 +256,18 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
             _write_config(skeleton, p, packed, tmp / "config.json")
             if (skeleton.directory / "generation_config.json").is_file():
                 shutil.copyfile(skeleton.directory / "generation_config.json", tmp / "generation_config.json")
-            report = _report(p, rows, kernel, source, inputs, sequential)
+            report = _report(p, rows, kernel, source, inputs, sequential, allocation)
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            _write_allocation_csv(report, tmp / ALLOCATION_CSV)
     finally:
         if sequential is not None:
             sequential.cache.close()
     log.info("pruned %s (%s): achieved sparsity %.4f", out, mode, report["achieved_sparsity"])
-    return {"solver_seconds": solver_seconds, "peak_rss_gb": round(peak_rss_gb(), 4)}
+    return {
+        "solver_seconds": solver_seconds,
+        "allocation_seconds": allocation_seconds,
+        "peak_rss_gb": round(peak_rss_gb(), 4),
+    }
 
 
 def _layer_tensors(
@@ -326,11 +335,18 @@ def _write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], weig
 
 
 def _report(
-    p: Params, rows: list[dict[str, Any]], kernel: str, source: str, inputs: str, sequential: _Sequential | None
+    p: Params,
+    rows: list[dict[str, Any]],
+    kernel: str,
+    source: str,
+    inputs: str,
+    sequential: _Sequential | None,
+    allocation: Allocation,
 ) -> dict[str, Any]:
     """report.json: what was pruned and quantized, how, in which format, and from which calibration."""
     numel = [math.prod(r["shape"]) for r in rows]
     pruned = [(r, n) for r, n in zip(rows, numel, strict=True) if r["target"] > 0]
+    by_layer = sorted({r["layer"] for r in rows})
     return {
         "pruner": p.pruner,
         "target_sparsity": p.sparsity,
@@ -352,5 +368,36 @@ def _report(
         "export": p.prune.export,
         # Sequential mode's layer walk: what it held at most (GB), by plan (measured RSS goes to --timings).
         "memory_plan_gb": sequential.memory.as_dict() if sequential is not None else None,
+        # Per decoder layer: its target (from prune.allocation, or an override), achieved sparsity over its
+        # pruned linears, and total loss; and over the allocated layers, the achieved weighted mean.
+        "allocation": allocation.as_dict()
+        | {
+            "achieved_sparsity_allocated": _achieved([(r, n) for r, n in pruned if r["layer"] in allocation.units]),
+            "per_layer": [
+                {
+                    "layer": i,
+                    "target": allocation.targets[i],
+                    "achieved": _achieved([(r, n) for r, n in pruned if r["layer"] == i]),
+                    "loss": math.fsum(r["loss"] for r in rows if r["layer"] == i),
+                    "score": allocation.scores[allocation.units.index(i)]
+                    if allocation.scores and i in allocation.units
+                    else None,
+                }
+                for i in by_layer
+            ],
+        },
         "layers": rows,
     }
+
+
+def _achieved(pruned: list[tuple[dict[str, Any], int]]) -> float:
+    """The sparsity of ``pruned`` linears (report rows with their weight counts) taken together; 0 for none."""
+    return sum(r["sparsity"] * n for r, n in pruned) / max(1, sum(n for _, n in pruned))
+
+
+def _write_allocation_csv(report: dict[str, Any], path: Path) -> None:
+    """The per-layer table of report.json's ``allocation`` as CSV, for ``dvc plots``."""
+    lines = ["layer,target,achieved,loss"]
+    rows = report["allocation"]["per_layer"]
+    lines += [f"{r['layer']},{r['target']!r},{r['achieved']!r},{r['loss']!r}" for r in rows]
+    path.write_text("\n".join(lines) + "\n")

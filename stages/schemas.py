@@ -92,6 +92,19 @@ ERRORS = pa.schema(
     ]
 )
 
+# One row per (pruner, linear, sparsity) of a loss table (stages/losses.py): the solver's own layer loss
+# ½·tr(ΔW H ΔWᵀ) at that sparsity, and the linear's energy ½·tr(W H Wᵀ) (its loss if pruned whole).
+LOSSES = pa.schema(
+    [
+        ("pruner", pa.string()),
+        ("layer", pa.int32()),
+        ("module", pa.string()),
+        ("sparsity", pa.float64()),
+        ("loss", pa.float64()),
+        ("energy", pa.float64()),
+    ]
+)
+
 SEGMENT_IDS = {"prompt": 0, "decode": 1}
 # The calibration sources: the `source` column of CALIBRATION, a store's `source`, params `sources`.
 SOURCES = ("generic", "prompt", "rac", "offpolicy")

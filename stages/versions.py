@@ -20,6 +20,7 @@ VERSIONS: dict[str, int] = {
     "rollout": 1,
     "calibrate": 1,
     "hessians": 1,
+    "losses": 1,
     "prune": 1,
     "evaluate": 1,
     "analyze": 1,

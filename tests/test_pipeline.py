@@ -1,7 +1,7 @@
 """The real pipeline through DVC: `dvc repro`, then `dvc repro -f` gives a byte-identical dvc.lock (every out
-is a pure function of its inputs), then `dvc exp run -S sparsity=…` re-runs only prune, evaluate and report,
-and leaves the Hessian stores untouched; a teammate pulls the caches; upgrading rac re-runs only the stages
-whose implementation version moved."""
+is a pure function of its inputs), then `dvc exp run -S sparsity=… -S prune.allocation=owl` re-runs only prune,
+evaluate and report, and leaves the Hessian stores and loss tables untouched; a teammate pulls the caches;
+upgrading rac re-runs only the stages whose implementation version moved."""
 
 import hashlib
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import DVC, ROOT, SMALL_PIPELINE, dvc_project, git_commit, run_cmd
 
-UPSTREAM = ("rollout", "calibrate@", "hessians@")
+UPSTREAM = ("rollout", "calibrate@", "hessians@", "losses@")
 
 
 def _tree_digest(path: Path) -> dict[str, str]:
@@ -48,7 +48,7 @@ def test_repro_then_sparsity_experiment_reuses_hessians(tmp_path: Path) -> None:
     mtimes = {s: (repo / "data" / "hessians" / f"{s}.zarr" / "zarr.json").stat().st_mtime_ns for s in stores}
     git_commit(repo, "repro")
 
-    second = run_cmd([*DVC, "exp", "run", "-S", "sparsity=0.5"], repo)
+    second = run_cmd([*DVC, "exp", "run", "-S", "sparsity=0.5", "-S", "prune.allocation=owl"], repo)
     ran = [line for line in second.splitlines() if line.startswith("Running stage")]
     assert not [line for line in ran if any(f"'{u}" in line for u in UPSTREAM)], ran
     assert "Running stage 'evaluate_dense'" not in second
@@ -60,6 +60,12 @@ def test_repro_then_sparsity_experiment_reuses_hessians(tmp_path: Path) -> None:
     report = json.loads((repo / "data" / "prune" / "rac" / "report.json").read_text())
     assert report["target_sparsity"] == 0.5
     assert abs(report["achieved_sparsity"] - 0.5) < 1e-3
+    assert report["allocation"]["method"] == "owl" and len(set(report["allocation"]["targets"])) > 1
+    # The JSON, then DVC's note on stderr that the sweep's plots have no data yet.
+    plots = json.JSONDecoder().raw_decode(run_cmd([*DVC, "plots", "show", "--json"], repo))[0]["data"]
+    (targets,) = plots["per-layer target sparsity per calibration source"]
+    points = {(v["filename"], int(v["layer"])) for v in targets["content"]["data"]["values"]}
+    assert len(points) == len(params["sources"]) * params["toy"]["num_layers"], points
 
     shown = json.loads(run_cmd([*DVC, "exp", "show", "--json"], repo))
     assert "data/evaluate/rac/metrics.json" in json.dumps(shown)
