@@ -35,14 +35,14 @@ from stages.layers import (
     ActivationCache,
     LayerWalk,
     MemoryPlan,
-    Skeleton,
     batches,
     check_budget,
+    open_skeleton,
     peak_rss_gb,
     plan,
     scratch_root,
 )
-from stages.models import LinearGroup, compute_device, fingerprint, load_tokenizer, model_dir
+from stages.models import LinearGroup, compute_device, fingerprint, in_features, load_tokenizer, model_dir
 from stages.params import Params
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
 from stages.store import Digests, HessianWriter
@@ -83,7 +83,7 @@ def layer_sums(
     for i in range(start, n_layers):
         with skeleton.loaded(skeleton.prefix(i).rstrip(".")) as layer:
             accumulators = {
-                g.name: Accumulator(layer.get_submodule(g.name).in_features, skeleton.device)
+                g.name: Accumulator(in_features(layer.get_submodule(g.name)), skeleton.device)
                 for g in groups
                 if g.layer == i
             }
@@ -136,9 +136,8 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> Memo
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = compute_device() if world_size == 1 or not torch.cuda.is_available() else torch.device("cuda", rank)
     check_token_ids(ids, AutoConfig.from_pretrained(model_dir(p.dense)).get_text_config().vocab_size, calib)
-    skeleton = Skeleton(p.dense, device)
+    skeleton, groups = open_skeleton(p.dense, device)
     model_fingerprint = fingerprint(p.dense)
-    groups = skeleton.groups()
     work_batches = batches(ids[rank::world_size], segments[rank::world_size], p.activations.batch_tokens, pad)
     budget = p.activations.memory_gb * 2**30
     check_budget(budget, work_batches, skeleton.hidden_size())

@@ -17,10 +17,12 @@ full forward pass's.
 """
 
 import contextlib
+import copy
 import functools
 import logging
 import resource
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +33,19 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    dot_natural_key,
+    rename_source_key,
+    revert_weight_conversion,
+)
 from transformers.utils import logging as transformers_logging
 
 from stages.errors import RacError
-from stages.models import FIX_SAVE, LinearGroup, decoder_layers, model_dir
+from stages.models import FIX_SAVE, LINEAR_LIKE, LinearGroup, decoder_layers, in_features, model_dir
 from stages.schemas import SEGMENT_IDS, tmp_sibling
 
 log = logging.getLogger(__name__)
@@ -117,8 +127,81 @@ def _record(
     seen.setdefault(id(args[0]), []).append(name)
 
 
+class Checkpoint:
+    """The checkpoint's tensors under the names the model's modules use: each stored tensor is renamed, merged or
+    split by transformers' own conversion mapping for the model (what ``from_pretrained`` applies)."""
+
+    def __init__(self, model: PreTrainedModel, directory: Path, name: str) -> None:
+        self.model = model
+        self.files: dict[str, Path] = {}  # stored name -> file
+        for file in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                self.files.update(dict.fromkeys(f.keys(), file))
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.converters = {pattern: c for c in converters for pattern in c.source_patterns}
+        wanted = model.state_dict()
+        prefix = model.base_model_prefix
+        # target (first target of a split) -> [(stored name, converter source pattern or None)]
+        self.sources: dict[str, list[tuple[str, str | None]]] = {}
+        self.covers: dict[str, str] = {}  # every module tensor name a stored tensor gives -> its first target
+        for key in sorted(self.files, key=dot_natural_key):
+            target, pattern = rename_source_key(key, renamings, converters, prefix, wanted)
+            if target not in wanted and key in wanted:
+                target, pattern = key, None
+            if target not in wanted:
+                continue
+            self.sources.setdefault(target, []).append((key, pattern))
+            if pattern is None:
+                self.covers[target] = target
+            else:
+                first = self.converters[pattern].target_patterns[0]
+                for t in self.converters[pattern].target_patterns:
+                    self.covers[target.replace(first, t)] = target
+        # Tied weights (lm_head = embed_tokens) are one parameter, named once: what the checkpoint must hold.
+        persistent = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers() if n in wanted}
+        absent = sorted(n for n in persistent if n not in self.covers)
+        if absent:
+            raise RacError(f"model {name!r} lacks weights {absent[:3]} ({len(absent)} in all); {FIX_SAVE}")
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The module tensors ``names`` (full names in the model), as stored (dtype and all)."""
+        firsts = sorted({self.covers[n] for n in names})
+        stored = self._stored([k for t in firsts for k, _ in self.sources[t]])
+        out: dict[str, torch.Tensor] = {}
+        for target in firsts:
+            pairs = self.sources[target]
+            pattern = pairs[0][1]
+            if pattern is None:
+                out[target] = stored[pairs[0][0]]
+                continue
+            converter = copy.deepcopy(self.converters[pattern])
+            for key, source_pattern in pairs:
+                converter.add_tensor(target, key, source_pattern, stored[key])
+            for t, value in converter.convert(target, model=self.model, config=self.model.config).items():
+                out[t] = value[0] if isinstance(value, list) else value
+        return {n: out[n] for n in names}
+
+    def _stored(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for file in sorted({self.files[k] for k in keys}):
+            with safe_open(str(file), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in keys if self.files[k] == file})
+        return out
+
+
+def stored_layout(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (module names) in the checkpoint layout ``save_pretrained`` writes (transformers' conversion
+    mapping reversed), so that every engine that reads the original checkpoints reads an export."""
+    return revert_weight_conversion(model, state)
+
+
 class Skeleton:
-    """The model's structure on the meta device; weights come one module at a time from its safetensors files."""
+    """The model's structure on the meta device; weights come one module at a time from its safetensors files.
+
+    Modules outside the decoder layers that hold tensors (final norm, learned positions, rotary tables) stay
+    loaded for the whole walk (``resident``); the input embedding is loaded only while the batches are embedded."""
 
     def __init__(self, model: str, device: torch.device) -> None:
         self.directory = model_dir(model)
@@ -126,60 +209,55 @@ class Skeleton:
         config = AutoConfig.from_pretrained(self.directory)
         transformers_logging.disable_progress_bar()
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            # Eager experts: the grouped kernels have no float32 CPU path, and the eager loop is the reference.
+            self.model = AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, experts_implementation="eager"
+            ).eval()
+        self.architecture = type(self.model).__name__
         self.base = self.model.base_model
         self.layers = decoder_layers(self.model)
         self.layers_name = next(n for n, m in self.model.named_modules() if m is self.layers)
-        self._rebuild_buffers(model)
-        self.files = self._tensor_files()
-        # Tied weights (lm_head = embed_tokens) are one parameter, named once: what the checkpoint must hold.
-        absent = [n for n, _ in self.model.named_parameters() if n not in self.files]
-        if absent:
-            raise RacError(f"model {model!r} lacks weights {absent[:3]} ({len(absent)} in all); {FIX_SAVE}")
+        self.checkpoint = Checkpoint(self.model, self.directory, model)
         self.dtypes: dict[str, torch.dtype] = {}  # the stored dtype of each tensor loaded so far
-
-    def _rebuild_buffers(self, model: str) -> None:
-        """Modules outside the decoder layers whose buffers are computed, not saved (rotary inv_freq), are built
-        again on the compute device: on the meta device they hold no values."""
-        for name, module in list(self.base.named_children()):
-            if module is self.layers or not any(b.is_meta for b in module.buffers(recurse=False)):
-                continue
-            if set(dict(module.named_buffers(recurse=False))) & set(module.state_dict()):
-                raise RacError(f"model {model!r}: {name} keeps saved buffers, which the layer engine cannot load yet")
-            with torch.device(self.device):
-                setattr(self.base, name, type(module)(config=self.model.config))
-
-    def _tensor_files(self) -> dict[str, Path]:
-        """Which safetensors file holds each tensor name."""
-        files: dict[str, Path] = {}
-        for file in sorted(self.directory.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
-                files.update(dict.fromkeys(f.keys(), file))
-        return files
+        table = self.model.get_input_embeddings()
+        self.embedding_name = next(n for n, m in self.model.named_modules() if m is table)
+        base_name = next(n for n, m in self.model.named_modules() if m is self.base)
+        self.resident = [
+            f"{base_name}.{n}".lstrip(".")
+            for n, m in self.base.named_children()
+            if m is not self.layers and m is not table and next(_tensors(m), None) is not None
+        ]
+        for name in self.resident:
+            self.load(name)
 
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The checkpoint tensors ``names``, as stored (dtype and all); a missing one is a one-line error."""
-        out: dict[str, torch.Tensor] = {}
-        for file in sorted({self.files[n] for n in names}):
-            with safe_open(str(file), framework="pt") as f:
-                out.update({n: f.get_tensor(n) for n in names if self.files[n] == file})
-        return out
+        """The module tensors ``names``, as stored (dtype and all)."""
+        return self.checkpoint.read(names)
 
     def prefix(self, i: int) -> str:
         """The checkpoint name prefix of decoder layer ``i``, e.g. ``model.layers.3.``."""
         return f"{self.layers_name}.{i}."
 
     def load(self, name: str) -> nn.Module:
-        """The submodule ``name`` with its checkpoint weights in float32 on the compute device."""
+        """The submodule ``name`` with its checkpoint weights in float32 on the compute device; buffers that are
+        computed, not saved (rotary frequencies, embedding scales), are computed by the model's own
+        initialisation (``_init_weights``, as ``from_pretrained`` does)."""
         module = self.model.get_submodule(name)
-        saved = set(module.state_dict())
-        unsaved = [b for b, _ in module.named_buffers() if b not in saved]
-        if unsaved:
-            raise RacError(f"{name} has computed buffers {unsaved[:3]}, which the layer engine cannot load yet")
-        state = self.tensors([f"{name}.{k}" for k in saved])
+        saved = list(module.state_dict())
+        state = self.tensors([f"{name}.{k}".lstrip(".") for k in saved])
         self.dtypes.update({k: v.dtype for k, v in state.items()})
         module.to_empty(device=self.device)
-        module.load_state_dict({k[len(name) + 1 :]: v.float() for k, v in state.items()}, strict=True)
+        module.load_state_dict({k: state[f"{name}.{k}".lstrip(".")].float() for k in saved}, strict=True)
+        for sub in module.modules():
+            computed = [b for b, _ in sub.named_buffers(recurse=False) if b in sub._non_persistent_buffers_set]
+            if not computed:
+                continue
+            for t in (
+                *sub.parameters(recurse=False),
+                *(b for n, b in sub.named_buffers(recurse=False) if n not in computed),
+            ):
+                t._is_hf_initialized = True  # loaded: the initialisation leaves it alone
+            self.model._init_weights(sub)
         return module
 
     def release(self, module: nn.Module) -> None:
@@ -226,7 +304,7 @@ class Skeleton:
             hooks = [
                 m.register_forward_pre_hook(functools.partial(_record, name=n, seen=seen, inputs=inputs))
                 for n, m in layer.named_modules()
-                if isinstance(m, nn.Linear)
+                if isinstance(m, LINEAR_LIKE)
             ]
             try:
                 layer(hidden.to("meta"), *args, **kwargs)
@@ -235,6 +313,14 @@ class Skeleton:
                     hook.remove()
             out += [LinearGroup(layer=i, members=members) for members in seen.values()]
         return out
+
+    def resident_bytes(self) -> int:
+        """fp32 bytes of the modules outside the decoder layers kept loaded for the walk."""
+        return sum(t.numel() for name in self.resident for t in _tensors(self.model.get_submodule(name))) * FP32
+
+    def embedding_bytes(self) -> int:
+        """fp32 bytes of the input embedding table, loaded while the batches are embedded."""
+        return sum(t.numel() for t in _tensors(self.model.get_submodule(self.embedding_name))) * FP32
 
     def hidden_size(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
@@ -247,9 +333,15 @@ class Skeleton:
         """fp32 bytes of the largest decoder layer's sums (two segments per group)."""
         per_layer: dict[int, int] = {}
         for g in groups:
-            d = self.layers[g.layer].get_submodule(g.name).in_features
+            d = in_features(self.layers[g.layer].get_submodule(g.name))
             per_layer[g.layer] = per_layer.get(g.layer, 0) + len(SEGMENT_IDS) * FP32 * d * d
         return max(per_layer.values())
+
+
+def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """The parameters and buffers of ``module`` and its submodules."""
+    yield from module.parameters()
+    yield from module.buffers()
 
 
 def peak_rss_gb() -> float:
@@ -334,8 +426,11 @@ def check_budget(budget: float, work: list[Batch], d: int) -> None:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """What a layer walk holds at most: one layer's weights, its sums, the in-memory activations, one batch."""
+    """What a layer walk holds at most: the modules outside the decoder layers it keeps loaded, the in-memory
+    activations and one batch, with either the embedding table (while embedding) or one layer's weights and sums."""
 
+    resident: int
+    embedding: int
     layer_weights: int
     layer_sums: int
     activations_in_memory: int
@@ -344,7 +439,8 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        return self.layer_weights + self.layer_sums + self.activations_in_memory + self.batch
+        held = max(self.embedding, self.layer_weights + self.layer_sums)
+        return self.resident + held + self.activations_in_memory + self.batch
 
     def as_dict(self) -> dict[str, float]:
         """The plan in GB, for logs and reports."""
@@ -362,6 +458,8 @@ def plan(skeleton: Skeleton, groups: list[LinearGroup], positions: list[int], bu
         if in_memory + size <= budget:
             in_memory += size
     return MemoryPlan(
+        resident=skeleton.resident_bytes(),
+        embedding=skeleton.embedding_bytes(),
         layer_weights=skeleton.layer_bytes(),
         layer_sums=skeleton.sums_bytes(groups),
         activations_in_memory=in_memory,
@@ -381,9 +479,7 @@ class LayerWalk:
     @torch.no_grad()
     def embed(self) -> None:
         """Cache the inputs of decoder layer 0 of every batch; the embedding table is loaded for this only."""
-        table = self.skeleton.model.get_input_embeddings()
-        name = next(n for n, m in self.skeleton.model.named_modules() if m is table)
-        with self.skeleton.loaded(name):
+        with self.skeleton.loaded(self.skeleton.embedding_name):
             for b, batch in enumerate(tqdm(self.work, desc="embed", unit="batch", leave=False)):
                 device = self.skeleton.device
                 ids, mask = batch.ids.to(device), batch.attention_mask.to(device)
@@ -418,3 +514,84 @@ class LayerWalk:
         """Run decoder layer ``i`` with its checkpoint weights, only to pass its outputs on (a resume)."""
         with self.skeleton.loaded(self.skeleton.layers_name + f".{i}") as layer:
             self.forward(i, layer, keep=True, label=f"layer {i} (resume)")
+
+
+def _architecture(model: str) -> str:
+    """The class name config.json records (``architectures``), else its model_type."""
+    config = AutoConfig.from_pretrained(model_dir(model))
+    return (getattr(config, "architectures", None) or [config.model_type])[0]
+
+
+def _refused(architecture: str, why: str) -> RacError:
+    return RacError(
+        f"{architecture} is not supported by rac's layer walk: {why}; use a model of a family the README lists"
+    )
+
+
+@contextlib.contextmanager
+def _one_line(architecture: str, doing: str) -> Iterator[None]:
+    """Whatever the family's code raises while ``doing``, the user gets one line naming the architecture."""
+    try:
+        yield
+    except RacError:
+        raise
+    except Exception as err:  # any failure of transformers' code for this family, not only the known ones
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise _refused(architecture, f"{doing} failed ({type(err).__name__}: {first})") from err
+
+
+def _unhandled(skeleton: Skeleton) -> list[str]:
+    """Weight matrices inside decoder layer 0 that no linear-like module holds: rac would leave them dense while
+    reporting the target sparsity, so a model that has them is refused."""
+    layer = skeleton.layers[0]
+    owned = {id(m.weight) for m in layer.modules() if isinstance(m, LINEAR_LIKE)}
+    return [n for n, w in layer.named_parameters() if w.dim() >= 2 and id(w) not in owned]
+
+
+def open_skeleton(model: str, device: torch.device) -> tuple[Skeleton, list[LinearGroup]]:
+    """The skeleton of ``model`` and its linear groups; an architecture the layer walk cannot handle, or any
+    failure while building or probing it, is a one-line error naming the architecture."""
+    architecture = _architecture(model)
+    with _one_line(architecture, "building or probing it"):
+        skeleton = Skeleton(model, device)
+        unhandled = _unhandled(skeleton)
+        if unhandled:
+            raise _refused(
+                architecture,
+                f"its decoder layers hold weights outside linear layers ({', '.join(unhandled[:3])}), "
+                "which rac cannot compress",
+            )
+        groups = skeleton.groups()
+    grouped = {(g.layer, m) for g in groups for m in g.members}
+    for i, layer in enumerate(skeleton.layers):
+        unused = [n for n, m in layer.named_modules() if isinstance(m, LINEAR_LIKE) and (i, n) not in grouped]
+        if unused:
+            raise _refused(
+                architecture, f"decoder layer {i}'s forward never calls {unused[:3]}, so no Hessian would reach them"
+            )
+    return skeleton, groups
+
+
+@torch.no_grad()
+def check_walkable(model: str, device: torch.device) -> None:
+    """Walk ``model`` layer by layer on a few tokens with sums on every group, as the hessians stage will (before
+    any rollout); any failure is one line naming the architecture."""
+    skeleton, groups = open_skeleton(model, device)
+    vocab = int(skeleton.model.config.get_text_config().vocab_size)
+    n = min(4, vocab)
+    work = batches([list(range(n))], [[0, 0, 1, 1][:n]], n, pad=0)
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        _one_line(skeleton.architecture, f"a layer-by-layer pass on {n} tokens"),
+    ):
+        walk = LayerWalk(skeleton, work, ActivationCache(float("inf"), Path(scratch)))
+        walk.embed()
+        for i in range(len(skeleton.layers)):
+            with skeleton.loaded(skeleton.prefix(i).rstrip(".")) as layer:
+                sums = {
+                    g.name: Accumulator(in_features(layer.get_submodule(g.name)), device)
+                    for g in groups
+                    if g.layer == i
+                }
+                walk.forward(i, layer, keep=True, accumulators=sums, label=f"check layer {i}")
+        walk.cache.close()

@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
 from stages.errors import RacError
@@ -267,6 +268,20 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return module
     raise RacError(f"no ModuleList of {n_layers} decoder layers in {type(model).__name__}; add its layout to models.py")
+
+
+# The modules rac compresses: a weight matrix applied to the last dimension of their input. GPT-2's Conv1D is a
+# linear whose weight is stored transposed ([in, out]).
+LINEAR_LIKE = (nn.Linear, Conv1D)
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """W [out, in] of a linear-like module: a view of its weight, so writing into it writes the module's."""
+    return module.weight.data.T if isinstance(module, Conv1D) else module.weight.data
+
+
+def in_features(module: nn.Module) -> int:
+    return weight_of(module).shape[1]
 
 
 @dataclass(frozen=True)

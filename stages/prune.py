@@ -36,11 +36,22 @@ from stages.layers import (
     Skeleton,
     batches,
     check_budget,
+    open_skeleton,
     peak_rss_gb,
     plan,
     scratch_root,
+    stored_layout,
 )
-from stages.models import LinearGroup, compute_device, fingerprint, load_tokenizer, tokenizer_files
+from stages.models import (
+    LINEAR_LIKE,
+    LinearGroup,
+    compute_device,
+    fingerprint,
+    in_features,
+    load_tokenizer,
+    tokenizer_files,
+    weight_of,
+)
 from stages.params import Params, in_params_terms
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
 from stages.selection import in_scope, layer_sparsities, selected_layers
@@ -123,7 +134,7 @@ def _compressed_layer(
             start = time.perf_counter()
             try:
                 # The members share H: the OBS solvers factor it once for all of them.
-                solved = solve_group(p.pruner, [linears[m].weight.data for m in chosen], H, opts)
+                solved = solve_group(p.pruner, [weight_of(linears[m]) for m in chosen], H, opts)
             except ValueError as err:
                 raise RacError(f"layer {i} {'/'.join(chosen)}: {in_params_terms(str(err))}") from err
             seconds += time.perf_counter() - start
@@ -132,13 +143,13 @@ def _compressed_layer(
             linear = linears[member]
             result = results.get(member)
             if result is None:
-                rows.append(_row(i, member, linear.weight, 0.0, 0.0, 0.0, None))
+                rows.append(_row(i, member, weight_of(linear), 0.0, 0.0, 0.0, None))
                 continue
             if result.damp_used > p.prune.damp:
                 log.warning(
                     "layer %d %s: Cholesky failed at damp=%g; used damp=%g", i, member, p.prune.damp, result.damp_used
                 )
-            linear.weight.data.copy_(result.weight)
+            weight_of(linear).copy_(result.weight)
             if result.quant is not None:
                 quantized[member] = result.quant
             bits = result.quant.bits if result.quant is not None else None
@@ -164,13 +175,13 @@ def check_layer_shapes(p: Params, skeleton: Skeleton, groups: list[LinearGroup],
         quantize = p.quant.spec is not None and group.layer in selected
         if not (targets[group.layer] > 0 or quantize):
             continue
-        in_features = skeleton.layers[group.layer].get_submodule(group.name).in_features
+        d = in_features(skeleton.layers[group.layer].get_submodule(group.name))
         try:
             if targets[group.layer] > 0:
-                layer_pattern(p.prune.pattern, targets[group.layer], in_features)
+                layer_pattern(p.prune.pattern, targets[group.layer], d)
             if quantize:
                 assert p.quant.spec is not None
-                check_spec(p.quant.spec, in_features, p.prune.block_size)
+                check_spec(p.quant.spec, d, p.prune.block_size)
         except ValueError as err:
             raise RacError(f"layer {group.layer} {group.name}: {in_params_terms(str(err))}") from err
 
@@ -193,8 +204,7 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
         )
     kernel = resolve_kernel(p.prune.kernel, p.quant.spec is not None)
     device = compute_device()
-    skeleton = Skeleton(p.dense, device)
-    groups = skeleton.groups()
+    skeleton, groups = open_skeleton(p.dense, device)
     store: HessianStore | None = None
     sequential: _Sequential | None = None
     if mode == "dense":
@@ -242,9 +252,7 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
                     tensors = _layer_tensors(p.prune.export, name, layer, skeleton, quantized)
                     packed += [f"{name}.{member}" for member in quantized]
                 total_bytes += _write_shard(tmp, _shard_name(i, n_layers + 1), tensors, weight_map)
-            prefixes = tuple(skeleton.prefix(i) for i in range(n_layers))
-            rest = skeleton.tensors([k for k in skeleton.files if not k.startswith(prefixes)])
-            total_bytes += _write_shard(tmp, _shard_name(n_layers, n_layers + 1), rest, weight_map)
+            total_bytes += _write_shard(tmp, _shard_name(n_layers, n_layers + 1), _rest(skeleton), weight_map)
             index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
             for file in tokenizer_files(p.dense):
@@ -264,18 +272,27 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
 def _layer_tensors(
     fmt: str, name: str, layer: torch.nn.Module, skeleton: Skeleton, quantized: dict[str, Quantized]
 ) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of decoder layer ``name`` in export ``fmt``, each in its stored dtype."""
+    """The checkpoint tensors of decoder layer ``name`` in export ``fmt``, each in its stored dtype, in the layout
+    the dense checkpoint has."""
     state = {f"{name}.{k}": v.to(skeleton.dtypes[f"{name}.{k}"]).contiguous() for k, v in layer.state_dict().items()}
+    state = stored_layout(skeleton.model, state)
     for member, q in quantized.items():
         prefix = f"{name}.{member}"
         state.update(linear_tensors(fmt, prefix, state.pop(f"{prefix}.weight"), q))
     return state
 
 
+def _rest(skeleton: Skeleton) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors outside the decoder layers (embedding, final norm, LM head unless tied), as stored."""
+    layers = skeleton.layers_name + "."
+    names = [n for n in skeleton.checkpoint.covers if not n.startswith(layers)]
+    return stored_layout(skeleton.model, {k: v.contiguous() for k, v in skeleton.tensors(names).items()})
+
+
 def _write_config(skeleton: Skeleton, p: Params, packed: list[str], path: Path) -> None:
     """The dense model's config.json, verbatim for ``hf``; with its ``quantization_config`` for a packed export."""
     source = skeleton.directory / "config.json"
-    linears = [n for n, m in skeleton.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linears = [n for n, m in skeleton.model.named_modules() if isinstance(m, LINEAR_LIKE)]
     qc = quantization_config(p.prune.export, p.quant.spec, sorted(set(linears) - set(packed)))
     if qc is None:
         shutil.copyfile(source, path)
@@ -308,7 +325,7 @@ def _walk_hessian(
     of the still-dense layer ``i``, outputs discarded); nothing runs when the layer compresses nothing."""
     accumulators: dict[str, Accumulator] = {}
     if compresses:
-        accumulators = {g.name: Accumulator(layer.get_submodule(g.name).in_features, device) for g in groups}
+        accumulators = {g.name: Accumulator(in_features(layer.get_submodule(g.name)), device) for g in groups}
         sequential.walk.forward(i, layer, keep=False, accumulators=accumulators, label=f"layer {i} sums")
 
     def H_of(group: LinearGroup) -> torch.Tensor:
