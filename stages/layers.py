@@ -19,6 +19,7 @@ full forward pass's.
 import contextlib
 import copy
 import functools
+import json
 import logging
 import resource
 import shutil
@@ -134,9 +135,13 @@ class Checkpoint:
     def __init__(self, model: PreTrainedModel, directory: Path, name: str) -> None:
         self.model = model
         self.files: dict[str, Path] = {}  # stored name -> file
+        self.nbytes: dict[str, int] = {}  # stored name -> its bytes in the file
         for file in sorted(directory.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
-                self.files.update(dict.fromkeys(f.keys(), file))
+            with file.open("rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            header.pop("__metadata__", None)
+            self.files.update(dict.fromkeys(header, file))
+            self.nbytes.update({k: t["data_offsets"][1] - t["data_offsets"][0] for k, t in header.items()})
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -164,6 +169,10 @@ class Checkpoint:
         absent = sorted(n for n in persistent if n not in self.covers)
         if absent:
             raise RacError(f"model {name!r} lacks weights {absent[:3]} ({len(absent)} in all); {FIX_SAVE}")
+
+    def stored_bytes(self, names: list[str]) -> int:
+        """Bytes of the stored tensors that give the module tensors ``names`` (what reading them holds)."""
+        return sum(self.nbytes[k] for t in {self.covers[n] for n in names} for k, _ in self.sources[t])
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The module tensors ``names`` (full names in the model), as stored (dtype and all)."""
@@ -314,20 +323,26 @@ class Skeleton:
             out += [LinearGroup(layer=i, members=members) for members in seen.values()]
         return out
 
+    def loading_bytes(self, name: str) -> int:
+        """What loading module ``name`` holds at most: its float32 tensors and the stored ones they come from."""
+        module = self.model.get_submodule(name)
+        stored = self.checkpoint.stored_bytes([f"{name}.{k}" for k in module.state_dict()])
+        return sum(t.numel() for t in _tensors(module)) * FP32 + stored
+
     def resident_bytes(self) -> int:
         """fp32 bytes of the modules outside the decoder layers kept loaded for the walk."""
         return sum(t.numel() for name in self.resident for t in _tensors(self.model.get_submodule(name))) * FP32
 
     def embedding_bytes(self) -> int:
-        """fp32 bytes of the input embedding table, loaded while the batches are embedded."""
-        return sum(t.numel() for t in _tensors(self.model.get_submodule(self.embedding_name))) * FP32
+        """The input embedding table's bytes while it is loaded to embed the batches (fp32 and stored copy)."""
+        return self.loading_bytes(self.embedding_name)
 
     def hidden_size(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
 
     def layer_bytes(self) -> int:
-        """fp32 bytes of the largest decoder layer's weights."""
-        return max(sum(p.numel() for p in layer.parameters()) for layer in self.layers) * FP32
+        """The largest decoder layer's bytes while loaded (fp32 weights and the stored copy they come from)."""
+        return max(self.loading_bytes(self.prefix(i).rstrip(".")) for i in range(len(self.layers)))
 
     def sums_bytes(self, groups: list[LinearGroup]) -> int:
         """fp32 bytes of the largest decoder layer's sums (two segments per group)."""

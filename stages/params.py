@@ -473,11 +473,25 @@ _SECTIONS = {
 }
 
 
+def _maps() -> set[str]:
+    """Dotted names of the params that map any name (``benchmarks``, ``prune.mix``, …): a preset may add entries."""
+    return {
+        f"{section}.{key}".lstrip(".")
+        for section, cls in [("", Params), *_SECTIONS.items()]
+        for key, hint in get_type_hints(cls).items()
+        if get_origin(hint) is dict
+    }
+
+
 def _overlay(base: dict[str, Any], preset: dict[str, Any], where: str) -> None:
-    """Set ``preset``'s values into ``base`` in place, refusing keys that ``base`` lacks."""
+    """Set ``preset``'s values into ``base`` in place, refusing keys that ``base`` lacks, except new entries of a
+    map (a new benchmark); ``load_params`` then validates them."""
     for key, value in preset.items():
-        if key not in base:
+        if key not in base and where.rstrip(".") not in _maps():
             raise RacError(f"preset key '{where}{key}' is not in params.yaml; fix the spelling")
+        if key not in base:
+            base[key] = value
+            continue
         if isinstance(value, dict) and isinstance(base[key], dict) and key != "overrides":  # overrides: replaced
             _overlay(base[key], value, f"{where}{key}.")
         else:

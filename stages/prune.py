@@ -176,6 +176,14 @@ def check_layer_shapes(p: Params, skeleton: Skeleton, groups: list[LinearGroup],
         if not (targets[group.layer] > 0 or quantize):
             continue
         d = in_features(skeleton.layers[group.layer].get_submodule(group.name))
+        if quantize and p.prune.export != "hf":
+            for member in group.members:
+                kind = type(skeleton.layers[group.layer].get_submodule(member))
+                if kind is not torch.nn.Linear:
+                    raise RacError(
+                        f"layer {group.layer} {member}: prune.export={p.prune.export!r} packs nn.Linear weights, "
+                        f"not {kind.__name__} ones; set prune.export hf"
+                    )
         try:
             if targets[group.layer] > 0:
                 layer_pattern(p.prune.pattern, targets[group.layer], d)

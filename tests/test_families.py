@@ -5,6 +5,7 @@ cannot compress is refused at `model` in one line, before any rollout. The slow 
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from stages import calibrate, hessians, prune, rollout, toy
 from stages.cli import main
+from stages.errors import RacError
 from stages.generation import generate
 from stages.layers import Accumulator, ActivationCache, LayerWalk, batches, open_skeleton
 from stages.models import LINEAR_LIKE, decoder_layers, in_features, load_model, load_tokenizer, weight_of
@@ -84,7 +86,10 @@ def sequences(seed: int, n: int = 9) -> tuple[list[list[int]], list[list[int]]]:
 
 def calibration(path: Path, seed: int) -> Path:
     ids, segs = sequences(seed)
-    rows = [{"seq_id": i, "token_ids": x, "segment": s, "source": "rac"} for i, (x, s) in enumerate(zip(ids, segs, strict=True))]
+    rows = [
+        {"seq_id": i, "token_ids": x, "segment": s, "source": "rac"}
+        for i, (x, s) in enumerate(zip(ids, segs, strict=True))
+    ]
     write_parquet(rows, CALIBRATION, path, {"source": "rac"})
     return path
 
@@ -260,9 +265,7 @@ REFUSED: dict[str, Callable[[dict[str, Any]], PretrainedConfig]] = {
 
 
 @pytest.mark.parametrize("family", sorted(REFUSED))
-def test_model_stage_refuses_what_it_cannot_walk(
-    family: str, tmp_path: Path, params_file: Callable[..., Path]
-) -> None:
+def test_model_stage_refuses_what_it_cannot_walk(family: str, tmp_path: Path, params_file: Callable[..., Path]) -> None:
     """One line naming the architecture and what is missing, before any rollout, and nothing written."""
     model = save_family(tmp_path / family, family, REFUSED)
     architecture = json.loads((model / "config.json").read_text())["architectures"][0]
@@ -270,3 +273,16 @@ def test_model_stage_refuses_what_it_cannot_walk(
     result = CliRunner().invoke(main, ["model", "--params", str(params_file(model)), "--out", str(out)])
     assert_bad_input(result, architecture, "not supported by rac's layer walk")
     assert not out.exists() and not list(tmp_path.glob("identity*"))
+
+
+def test_packed_export_of_a_conv1d_is_refused(params_file: Callable[..., Path], tmp_path: Path) -> None:
+    """GPT-2's Conv1D stores W transposed: compressed-tensors packing would be read back wrong, so it is refused."""
+    model = save_family(tmp_path / "gpt2", "gpt2", FAMILIES)
+    overrides = {"quant": {"bits": 4}, "prune": {"export": "compressed-tensors"}, "activations": {"batch_tokens": 64}}
+    p = load_params(params_file(model, overrides))
+    calib = calibration(tmp_path / "calib.parquet", seed=3)
+    hessians.run(p, calib, tmp_path / "h.zarr", 1)
+    refusal = "layer 0 attn.c_attn: prune.export='compressed-tensors' packs nn.Linear"
+    with pytest.raises(RacError, match=re.escape(refusal)):
+        prune.run(p, tmp_path / "h.zarr", None, tmp_path / "pruned")
+    assert not (tmp_path / "pruned").exists()
