@@ -167,6 +167,9 @@ class Checkpoint:
         # Tied weights (lm_head = embed_tokens) are one parameter, named once: what the checkpoint must hold.
         persistent = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers() if n in wanted}
         absent = sorted(n for n in persistent if n not in self.covers)
+        # A converted tensor (experts merged from one stored tensor each) needs every one of its stored parts.
+        converted = {t: wanted[t] for t, pairs in self.sources.items() if pairs[0][1] is not None}
+        absent += sorted(k for k in revert_weight_conversion(model, converted) if k not in self.files)
         if absent:
             raise RacError(f"model {name!r} lacks weights {absent[:3]} ({len(absent)} in all); {FIX_SAVE}")
 
@@ -570,6 +573,13 @@ def open_skeleton(model: str, device: torch.device) -> tuple[Skeleton, list[Line
     with _one_line(architecture, "building or probing it"):
         skeleton = Skeleton(model, device)
         unhandled = _unhandled(skeleton)
+        experts = [n for n, w in skeleton.layers[0].named_parameters() if w.dim() == 3 and "experts" in n]
+        if experts:
+            raise _refused(
+                architecture,
+                f"it is a mixture of experts ({', '.join(experts[:2])}: one weight per expert), which rac does not "
+                "compress yet",
+            )
         if unhandled:
             raise _refused(
                 architecture,

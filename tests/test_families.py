@@ -21,7 +21,7 @@ from stages import calibrate, hessians, prune, rollout, toy
 from stages.cli import main
 from stages.errors import RacError
 from stages.generation import generate
-from stages.layers import Accumulator, ActivationCache, LayerWalk, batches, open_skeleton
+from stages.layers import Accumulator, ActivationCache, LayerWalk, Skeleton, batches, open_skeleton
 from stages.models import LINEAR_LIKE, decoder_layers, in_features, load_model, load_tokenizer, weight_of
 from stages.params import Params, load_params
 from stages.schemas import CALIBRATION, TRACES, read_parquet, write_parquet
@@ -255,11 +255,23 @@ def test_r1_tokenizer_model_prunes_and_reloads(r1: Path, tmp_path: Path, params_
     check_reloads_and_generates(p, pruned)
 
 
-# Families the layer walk cannot compress, refused at `model`: Mamba's mixer holds weights outside linears (A_log,
-# a depthwise conv).
-REFUSED: dict[str, Callable[[dict[str, Any]], PretrainedConfig]] = {
-    "mamba": lambda base: AutoConfig.for_model(
-        "mamba", **{k: base[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers")}, state_size=4
+# Families the layer walk cannot compress, refused at `model` with what is missing: Mamba's mixer holds weights
+# outside linears (A_log, a depthwise conv); mixtures of experts (3-D expert weights, saved by save_pretrained in
+# the hub layout that transformers converts on load) are not compressed yet.
+REFUSED: dict[str, tuple[Callable[[dict[str, Any]], PretrainedConfig], str]] = {
+    "mamba": (
+        lambda base: AutoConfig.for_model(
+            "mamba", **{k: base[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers")}, state_size=4
+        ),
+        "hold weights outside linear layers (mixer.A_log",
+    ),
+    "mixtral": (
+        _config("mixtral", num_local_experts=4, num_experts_per_tok=2),
+        "a mixture of experts (mlp.experts.gate_up_proj",
+    ),
+    "qwen3_moe": (
+        _config("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+        "a mixture of experts (mlp.experts.gate_up_proj",
     ),
 }
 
@@ -267,11 +279,11 @@ REFUSED: dict[str, Callable[[dict[str, Any]], PretrainedConfig]] = {
 @pytest.mark.parametrize("family", sorted(REFUSED))
 def test_model_stage_refuses_what_it_cannot_walk(family: str, tmp_path: Path, params_file: Callable[..., Path]) -> None:
     """One line naming the architecture and what is missing, before any rollout, and nothing written."""
-    model = save_family(tmp_path / family, family, REFUSED)
+    model = save_family(tmp_path / family, family, {family: REFUSED[family][0]})
     architecture = json.loads((model / "config.json").read_text())["architectures"][0]
     out = tmp_path / "identity.json"
     result = CliRunner().invoke(main, ["model", "--params", str(params_file(model)), "--out", str(out)])
-    assert_bad_input(result, architecture, "not supported by rac's layer walk")
+    assert_bad_input(result, f"{architecture} is not supported by rac's layer walk", REFUSED[family][1])
     assert not out.exists() and not list(tmp_path.glob("identity*"))
 
 
@@ -286,3 +298,29 @@ def test_packed_export_of_a_conv1d_is_refused(params_file: Callable[..., Path], 
     with pytest.raises(RacError, match=re.escape(refusal)):
         prune.run(p, tmp_path / "h.zarr", None, tmp_path / "pruned")
     assert not (tmp_path / "pruned").exists()
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "module names"])
+def test_checkpoint_is_read_through_the_conversion_mapping(layout: str, tmp_path: Path) -> None:
+    """A Mixtral checkpoint in the hub layout save_pretrained writes (one tensor per expert, renamed) and one
+    under the module's own names (fused 3-D experts) both read as from_pretrained loads them; a missing expert
+    tensor is named."""
+    model = save_family(tmp_path / "m", "mixtral", {"mixtral": REFUSED["mixtral"][0]})
+    want = load_model(str(model), CPU).state_dict()
+    if layout == "module names":
+        save_file({k: v.contiguous() for k, v in want.items()}, model / "model.safetensors", metadata={"format": "pt"})
+    assert ("model.layers.0.block_sparse_moe.experts.3.w2.weight" in load_file(model / "model.safetensors")) == (
+        layout == "save_pretrained"
+    )
+    skeleton = Skeleton(str(model), CPU)
+    names = [n for n in skeleton.model.state_dict() if n.startswith("model.layers.1.")]
+    got = skeleton.tensors(names)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in got
+    for name in names:
+        assert torch.equal(got[name], want[name]), name
+    if layout == "save_pretrained":
+        tensors = load_file(model / "model.safetensors")
+        del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+        save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(RacError, match=r"lacks weights \['model.layers.1.block_sparse_moe.experts.2.w3.weight'\]"):
+            Skeleton(str(model), CPU)
