@@ -42,7 +42,7 @@ from stages.layers import (
     plan,
     scratch_root,
 )
-from stages.models import LinearGroup, compute_device, fingerprint, in_features, load_tokenizer, model_dir
+from stages.models import LinearGroup, compute_device, fingerprint, load_tokenizer, member_weight, model_dir
 from stages.params import Params
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
 from stages.store import Digests, HessianWriter
@@ -83,7 +83,7 @@ def layer_sums(
     for i in range(start, n_layers):
         with skeleton.loaded(skeleton.prefix(i).rstrip(".")) as layer:
             accumulators = {
-                g.name: Accumulator(in_features(layer.get_submodule(g.name)), skeleton.device)
+                g.name: Accumulator(member_weight(layer, g.name).shape[1], skeleton.device)
                 for g in groups
                 if g.layer == i
             }

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -46,7 +48,7 @@ from transformers.core_model_loading import (
 from transformers.utils import logging as transformers_logging
 
 from stages.errors import RacError
-from stages.models import FIX_SAVE, LINEAR_LIKE, LinearGroup, decoder_layers, in_features, model_dir
+from stages.models import FIX_SAVE, LINEAR_LIKE, LinearGroup, decoder_layers, expert_member, member_weight, model_dir
 from stages.schemas import SEGMENT_IDS, tmp_sibling
 
 log = logging.getLogger(__name__)
@@ -95,11 +97,120 @@ class Accumulator:
 
     def __call__(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         assert self.segment is not None
-        X = args[0].float()  # [B, T, d]
+        X = args[0]  # [B, T, d], or [B·T, d] inside a mixture-of-experts block (Qwen2-MoE's shared expert)
+        self.add(X, self.segment.reshape(X.shape[:-1]))
+
+    def add(self, X: torch.Tensor, segment: torch.Tensor) -> None:
+        """Add the rows of X [..., d] by their segment ids [...] (-1: padding, never summed)."""
+        X = X.float()
         for name, seg_id in SEGMENT_IDS.items():
-            Xs = X[self.segment == seg_id]  # [n, d]: padding (-1) never enters a sum
+            Xs = X[segment == seg_id]  # [n, d]
             self.xtx[name].addmm_(Xs.T, Xs)
             self.n[name] += Xs.shape[0]
+
+
+def moe_parts(layer: nn.Module) -> tuple[dict[str, nn.Module], set[str]]:
+    """A decoder layer's expert modules (holding 3-D weights [E, out, in], one slice per expert), by name, and its
+    routers: the modules of a mixture-of-experts block that hold weights themselves (the router, Qwen2-MoE's
+    shared-expert gate), which are never compressed. A shared expert (an MLP inside the block) is ordinary."""
+    experts = {
+        n: m
+        for n, m in layer.named_modules()
+        if n.endswith("experts") and any(w.dim() == 3 for w in m.parameters(recurse=False))
+    }
+    routers: set[str] = set()
+    for name in experts:
+        block, _, _ = name.rpartition(".")
+        parent = layer.get_submodule(block)
+        for child, module in parent.named_children():
+            if module is not experts[name] and next(module.parameters(recurse=False), None) is not None:
+                routers.add(f"{block}.{child}".lstrip("."))
+    return experts, routers
+
+
+class ExpertTap:
+    """Σ x·xᵀ per expert of one experts module over exactly the tokens routed to it: the module's eager forward
+    is watched (a torch function mode while it runs) for ``F.linear`` on one expert's slice of a 3-D weight; that
+    call's rows are the tokens the router sent to that expert, in the order the eager loop gathers them
+    (top-k slot, then token), so each row's segment id is known."""
+
+    def __init__(self, module: nn.Module, name: str, accumulators: dict[str, Accumulator]) -> None:
+        self.module, self.name, self.accumulators = module, name, accumulators
+        self.params = {id(w): n for n, w in module.named_parameters(recurse=False) if w.dim() == 3}
+        self.rows: dict[int, torch.Tensor] = {}  # expert -> flat token index of each row it receives
+        self.hidden: torch.Tensor | None = None  # [N, d] the tokens entering the module
+        self.segment: torch.Tensor | None = None  # [N] their segment ids
+        self.mode: _LinearWatch | None = None
+        self.seen: set[int] = set()  # experts whose first linear ran in this forward
+        self.handles = [
+            module.register_forward_pre_hook(self._enter, with_kwargs=True),
+            module.register_forward_hook(self._exit, always_call=True),
+        ]
+
+    def _enter(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden, top_k_index = (list(args) + list(kwargs.values()))[:2]  # [N, d], [N, k]
+        batch_segment = next(iter(self.accumulators.values())).segment
+        assert batch_segment is not None
+        self.hidden, self.segment = hidden, batch_segment.reshape(-1)  # [N]
+        self.rows = {e: torch.where((top_k_index == e).T)[1] for e in range(self.module.num_experts)}
+        self.seen.clear()
+        self.mode = _LinearWatch(self)
+        self.mode.__enter__()
+
+    def _exit(self, *_: Any) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
+
+    def linear(self, X: torch.Tensor, weight: torch.Tensor) -> None:
+        """One ``F.linear(X [n, in], weight)`` inside the module: sum it if ``weight`` is an expert's slice."""
+        base = weight._base
+        if base is None or id(base) not in self.params:
+            return
+        e = (weight.storage_offset() - base.storage_offset()) // base.stride(0)
+        rows = self.rows[e]
+        assert self.hidden is not None and self.segment is not None
+        first = e not in self.seen  # the expert's first linear reads the routed tokens themselves
+        self.seen.add(e)
+        if X.shape[0] != rows.numel() or (first and not torch.equal(X, self.hidden[rows])):
+            raise RacError(
+                f"experts {self.name}: expert {e} was given rows that are not the tokens routed to it; its forward "
+                "is not the eager loop rac reads"
+            )
+        acc = self.accumulators.get(f"{self.name}.{self.params[id(base)]}.{e}")
+        if acc is not None:
+            acc.add(X, self.segment[rows])
+
+
+class _LinearWatch(TorchFunctionMode):
+    """Reports every ``F.linear`` call to its tap, then runs it unchanged."""
+
+    def __init__(self, tap: ExpertTap) -> None:
+        super().__init__()
+        self.tap = tap
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            X, weight = (list(args) + [kwargs.get("input"), kwargs.get("weight")])[:2]
+            self.tap.linear(X, weight)
+        return func(*args, **kwargs)
+
+
+def attach(layer: nn.Module, accumulators: dict[str, Accumulator]) -> list[Any]:
+    """Hook every accumulator (by member name) onto decoder layer ``layer``: a pre-hook on a linear, an
+    ``ExpertTap`` on each experts module; returns the handles to remove."""
+    handles: list[Any] = []
+    by_owner: dict[str, dict[str, Accumulator]] = {}
+    for name, acc in accumulators.items():
+        expert = expert_member(name)
+        if expert is None:
+            handles.append(layer.get_submodule(name).register_forward_pre_hook(acc))
+        else:
+            by_owner.setdefault(expert[0], {})[name] = acc
+    for owner, accs in by_owner.items():
+        handles += ExpertTap(layer.get_submodule(owner), owner, accs).handles
+    return handles
 
 
 class _Stop(Exception):
@@ -118,6 +229,11 @@ class _Probe(nn.Module):
             self.sink.append((hidden_states, args, kwargs))
             raise _Stop
         return hidden_states
+
+
+def _zeros_like_input(hidden_states: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+    """An experts module's forward during the meta probe: an output of its input's shape."""
+    return torch.zeros_like(hidden_states)
 
 
 def _record(
@@ -313,17 +429,30 @@ class Skeleton:
             args, kwargs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, (args, kwargs))
             seen: dict[int, list[str]] = {}
             inputs: list[torch.Tensor] = []  # held so that no id() is reused while probing
+            experts, routers = moe_parts(layer)
             hooks = [
                 m.register_forward_pre_hook(functools.partial(_record, name=n, seen=seen, inputs=inputs))
                 for n, m in layer.named_modules()
-                if isinstance(m, LINEAR_LIKE)
+                if isinstance(m, LINEAR_LIKE) and n not in routers
             ]
             try:
+                # Routing is data-dependent (no meta kernel): the probe skips the experts, whose groups are known.
+                for m in experts.values():
+                    m.forward = _zeros_like_input
                 layer(hidden.to("meta"), *args, **kwargs)
             finally:
                 for hook in hooks:
                     hook.remove()
+                for m in experts.values():
+                    del m.forward
             out += [LinearGroup(layer=i, members=members) for members in seen.values()]
+            out += [
+                LinearGroup(layer=i, members=[f"{name}.{param}.{e}"])
+                for name, module in experts.items()
+                for e in range(module.num_experts)
+                for param, w in module.named_parameters(recurse=False)
+                if w.dim() == 3
+            ]
         return out
 
     def loading_bytes(self, name: str) -> int:
@@ -351,7 +480,7 @@ class Skeleton:
         """fp32 bytes of the largest decoder layer's sums (two segments per group)."""
         per_layer: dict[int, int] = {}
         for g in groups:
-            d = in_features(self.layers[g.layer].get_submodule(g.name))
+            d = member_weight(self.layers[g.layer], g.name).shape[1]
             per_layer[g.layer] = per_layer.get(g.layer, 0) + len(SEGMENT_IDS) * FP32 * d * d
         return max(per_layer.values())
 
@@ -511,7 +640,7 @@ class LayerWalk:
         """Run decoder layer ``i`` (loaded as ``layer``) on every batch's cached inputs; ``accumulators`` (by
         linear name) see their linear's inputs; with ``keep`` the outputs replace the inputs in the cache."""
         accumulators = accumulators or {}
-        hooks = [layer.get_submodule(name).register_forward_pre_hook(acc) for name, acc in accumulators.items()]
+        hooks = attach(layer, accumulators)
         device = self.skeleton.device
         try:
             for b, batch in enumerate(tqdm(self.work, desc=label or f"layer {i}", unit="batch", leave=False)):
@@ -559,11 +688,25 @@ def _one_line(architecture: str, doing: str) -> Iterator[None]:
 
 
 def _unhandled(skeleton: Skeleton) -> list[str]:
-    """Weight matrices inside decoder layer 0 that no linear-like module holds: rac would leave them dense while
-    reporting the target sparsity, so a model that has them is refused."""
+    """Weight matrices inside decoder layer 0 that neither a linear-like module, an experts module nor a router
+    holds: rac would leave them dense while reporting the target sparsity, so a model that has them is refused."""
     layer = skeleton.layers[0]
+    experts, routers = moe_parts(layer)
     owned = {id(m.weight) for m in layer.modules() if isinstance(m, LINEAR_LIKE)}
+    owned |= {id(w) for m in experts.values() for w in m.parameters(recurse=False) if w.dim() == 3}
+    owned |= {id(w) for r in routers for w in layer.get_submodule(r).parameters()}
     return [n for n, w in layer.named_parameters() if w.dim() >= 2 and id(w) not in owned]
+
+
+def _unreadable_experts(skeleton: Skeleton) -> list[str]:
+    """Experts modules whose weights are not one [out, in] slice per expert applied by ``F.linear`` (transposed
+    layouts, biases): the tap could not read them."""
+    experts, _ = moe_parts(skeleton.layers[0])
+    return [
+        n
+        for n, m in experts.items()
+        if getattr(m, "is_transposed", True) or getattr(m, "has_bias", True) or not hasattr(m, "num_experts")
+    ]
 
 
 def open_skeleton(model: str, device: torch.device) -> tuple[Skeleton, list[LinearGroup]]:
@@ -573,12 +716,12 @@ def open_skeleton(model: str, device: torch.device) -> tuple[Skeleton, list[Line
     with _one_line(architecture, "building or probing it"):
         skeleton = Skeleton(model, device)
         unhandled = _unhandled(skeleton)
-        experts = [n for n, w in skeleton.layers[0].named_parameters() if w.dim() == 3 and "experts" in n]
-        if experts:
+        unreadable = _unreadable_experts(skeleton)
+        if unreadable:
             raise _refused(
                 architecture,
-                f"it is a mixture of experts ({', '.join(experts[:2])}: one weight per expert), which rac does not "
-                "compress yet",
+                f"its experts ({', '.join(unreadable[:2])}) are stored transposed or with biases, which rac's "
+                "expert tap cannot read",
             )
         if unhandled:
             raise _refused(
@@ -589,7 +732,12 @@ def open_skeleton(model: str, device: torch.device) -> tuple[Skeleton, list[Line
         groups = skeleton.groups()
     grouped = {(g.layer, m) for g in groups for m in g.members}
     for i, layer in enumerate(skeleton.layers):
-        unused = [n for n, m in layer.named_modules() if isinstance(m, LINEAR_LIKE) and (i, n) not in grouped]
+        routers = moe_parts(layer)[1]
+        unused = [
+            n
+            for n, m in layer.named_modules()
+            if isinstance(m, LINEAR_LIKE) and (i, n) not in grouped and n not in routers
+        ]
         if unused:
             raise _refused(
                 architecture, f"decoder layer {i}'s forward never calls {unused[:3]}, so no Hessian would reach them"
@@ -614,9 +762,7 @@ def check_walkable(model: str, device: torch.device) -> None:
         for i in range(len(skeleton.layers)):
             with skeleton.loaded(skeleton.prefix(i).rstrip(".")) as layer:
                 sums = {
-                    g.name: Accumulator(in_features(layer.get_submodule(g.name)), device)
-                    for g in groups
-                    if g.layer == i
+                    g.name: Accumulator(member_weight(layer, g.name).shape[1], device) for g in groups if g.layer == i
                 }
                 walk.forward(i, layer, keep=True, accumulators=sums, label=f"check layer {i}")
         walk.cache.close()

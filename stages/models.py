@@ -284,6 +284,27 @@ def in_features(module: nn.Module) -> int:
     return weight_of(module).shape[1]
 
 
+# An expert's slice of a 3-D expert weight [E, out, in] inside a mixture-of-experts block is named
+# ``<experts module>.<parameter>.<expert>``, e.g. ``mlp.experts.gate_up_proj.3``.
+_EXPERT = re.compile(r"^(?P<owner>.*experts)\.(?P<param>\w+)\.(?P<e>\d+)$")
+
+
+def expert_member(member: str) -> tuple[str, str, int] | None:
+    """(experts module, 3-D parameter, expert index) of an expert member's name; None for a linear's."""
+    m = _EXPERT.match(member)
+    return (m["owner"], m["param"], int(m["e"])) if m else None
+
+
+def member_weight(layer: nn.Module, member: str) -> torch.Tensor:
+    """W [out, in] of ``member`` of a decoder layer (a linear-like module, or one expert of a 3-D expert weight):
+    a view, so writing into it writes the model's weight."""
+    expert = expert_member(member)
+    if expert is None:
+        return weight_of(layer.get_submodule(member))
+    owner, param, e = expert
+    return getattr(layer.get_submodule(owner), param).data[e]
+
+
 @dataclass(frozen=True)
 class LinearGroup:
     """Linears of one decoder layer that read the same input tensor, so they share one Hessian."""

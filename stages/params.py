@@ -260,6 +260,7 @@ class PruneParams:
     damp: float
     mix: dict[str, float]
     export: str
+    expert_min_tokens: int
 
     def check(self) -> None:
         _choice("prune.calibration", self.calibration, CALIBRATIONS)
@@ -269,6 +270,7 @@ class PruneParams:
         for spec in (self.layers, *self.overrides):
             check_layers(spec)
         _positive("prune.block_size", self.block_size)
+        _positive("prune.expert_min_tokens", self.expert_min_tokens)  # an expert of no tokens has no Hessian
         if not 0 < self.damp <= 1:
             raise RacError(f"prune.damp={self.damp!r} must be in (0, 1]: a fraction of mean(diag H), 0.01 is usual")
         if set(self.mix) != set(SEGMENT_IDS):

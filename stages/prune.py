@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,11 @@ from stages.models import (
     LINEAR_LIKE,
     LinearGroup,
     compute_device,
+    expert_member,
     fingerprint,
-    in_features,
     load_tokenizer,
+    member_weight,
     tokenizer_files,
-    weight_of,
 )
 from stages.params import Params, in_params_terms
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
@@ -108,6 +109,9 @@ class _Sequential:
         self.walk = LayerWalk(skeleton, work, self.cache)
 
 
+Sums = Callable[[LinearGroup], tuple[dict[str, torch.Tensor], dict[str, int]]]  # a group's sums and counts
+
+
 def _compressed_layer(
     p: Params,
     layer: torch.nn.Module,
@@ -115,56 +119,83 @@ def _compressed_layer(
     groups: list[LinearGroup],
     target: float,
     quantize: bool,
-    H_of: Any,
+    sums_of: Sums,
     kernel: str,
 ) -> tuple[list[dict[str, Any]], dict[str, Quantized], float]:
-    """Compress the in-scope linears of decoder layer ``i`` in place with ``H_of(group)``: prune to ``target`` and,
-    if ``quantize``, round to ``quant``'s grid; return the report rows, the integer form of each quantized
-    linear (by its name in the layer) and the solver seconds."""
+    """Compress the in-scope linears and experts of decoder layer ``i`` in place with H from ``sums_of(group)``:
+    prune to ``target`` and, if ``quantize``, round to ``quant``'s grid; return the report rows, the integer form
+    of each quantized linear (by its name in the layer) and the solver seconds. An expert routed fewer than
+    ``prune.expert_min_tokens`` tokens gets the identity Hessian."""
     rows: list[dict[str, Any]] = []
     quantized: dict[str, Quantized] = {}
     seconds = 0.0
+    sparse_experts: list[str] = []
     for group in groups:
         chosen = [m for m in group.members if in_scope(m, p.prune.scope) and (target > 0 or quantize)]
-        linears = {m: layer.get_submodule(m) for m in group.members}
+        weights = {m: member_weight(layer, m) for m in group.members}  # W [out, in], views into the layer
         results: dict[str, Compressed] = {}
+        tokens = 0
+        fallback = False
         if chosen:
             opts = dataclasses.replace(p.options(target), kernel=kernel, quant=p.quant.spec if quantize else None)
-            H = H_of(group)  # [in, in]
+            sums, counts = sums_of(group)
+            tokens = sum(n for s, n in counts.items() if p.prune.mix[s] > 0)
+            fallback = expert_member(group.name) is not None and tokens < p.prune.expert_min_tokens
+            if fallback:
+                sparse_experts.append(group.name)
+                d = weights[group.name].shape[1]
+                H = torch.eye(d, device=weights[group.name].device)  # [in, in]
+            else:
+                H = hessian_from_sums(sums, counts, p.prune.mix)  # [in, in]
             start = time.perf_counter()
             try:
                 # The members share H: the OBS solvers factor it once for all of them.
-                solved = solve_group(p.pruner, [weight_of(linears[m]) for m in chosen], H, opts)
+                solved = solve_group(p.pruner, [weights[m] for m in chosen], H, opts)
             except ValueError as err:
                 raise RacError(f"layer {i} {'/'.join(chosen)}: {in_params_terms(str(err))}") from err
             seconds += time.perf_counter() - start
             results = dict(zip(chosen, solved, strict=True))
         for member in group.members:
-            linear = linears[member]
             result = results.get(member)
             if result is None:
-                rows.append(_row(i, member, weight_of(linear), 0.0, 0.0, 0.0, None))
+                rows.append(_row(i, member, weights[member], 0.0, 0.0, 0.0, None, tokens, fallback))
                 continue
             if result.damp_used > p.prune.damp:
                 log.warning(
                     "layer %d %s: Cholesky failed at damp=%g; used damp=%g", i, member, p.prune.damp, result.damp_used
                 )
-            weight_of(linear).copy_(result.weight)
+            weights[member].copy_(result.weight)
             if result.quant is not None:
                 quantized[member] = result.quant
             bits = result.quant.bits if result.quant is not None else None
-            rows.append(_row(i, member, result.weight, target, result.loss, result.damp_used, bits))
+            rows.append(_row(i, member, result.weight, target, result.loss, result.damp_used, bits, tokens, fallback))
+    if sparse_experts:
+        log.warning(
+            "layer %d: %d expert weight(s) saw fewer than prune.expert_min_tokens=%d tokens (%s): identity Hessian",
+            i, len(sparse_experts), p.prune.expert_min_tokens, ", ".join(sparse_experts[:4]),
+        )  # fmt: skip
     return rows, quantized, seconds
 
 
 def _row(
-    i: int, member: str, weight: torch.Tensor, target: float, loss: float, damp_used: float, bits: int | None
+    i: int,
+    member: str,
+    weight: torch.Tensor,
+    target: float,
+    loss: float,
+    damp_used: float,
+    bits: int | None,
+    tokens: int,
+    fallback: bool,
 ) -> dict[str, Any]:
-    """report.json's row of one linear after compression (target 0: left as it was)."""
+    """report.json's row of one linear or expert after compression (target 0: left as it was); ``tokens`` that
+    entered its Hessian (mixed segments), and whether it fell back to the identity Hessian."""
     sparsity = float((weight == 0).float().mean())
     shape = list(weight.shape)
+    expert = expert_member(member)
     return {"layer": i, "module": member, "shape": shape, "target": target, "loss": loss, "sparsity": sparsity,
-            "damp_used": damp_used, "bits": bits}  # fmt: skip
+            "damp_used": damp_used, "bits": bits, "tokens": tokens,
+            "expert": f"{expert[0]}.{expert[2]}" if expert else None, "identity_hessian": fallback}  # fmt: skip
 
 
 def check_layer_shapes(p: Params, skeleton: Skeleton, groups: list[LinearGroup], targets: dict[int, float]) -> None:
@@ -175,14 +206,14 @@ def check_layer_shapes(p: Params, skeleton: Skeleton, groups: list[LinearGroup],
         quantize = p.quant.spec is not None and group.layer in selected
         if not (targets[group.layer] > 0 or quantize):
             continue
-        d = in_features(skeleton.layers[group.layer].get_submodule(group.name))
+        d = member_weight(skeleton.layers[group.layer], group.name).shape[1]
         if quantize and p.prune.export != "hf":
             for member in group.members:
-                kind = type(skeleton.layers[group.layer].get_submodule(member))
+                kind = "expert" if expert_member(member) else type(skeleton.layers[group.layer].get_submodule(member))
                 if kind is not torch.nn.Linear:
                     raise RacError(
                         f"layer {group.layer} {member}: prune.export={p.prune.export!r} packs nn.Linear weights, "
-                        f"not {kind.__name__} ones; set prune.export hf"
+                        f"not {getattr(kind, '__name__', kind)} ones; set prune.export hf"
                     )
         try:
             if targets[group.layer] > 0:
@@ -246,12 +277,12 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
                 quantize = p.quant.spec is not None and i in selected
                 with skeleton.loaded(name) as layer:
                     if store is not None:
-                        H_of = _store_hessian(store, p, device)
+                        sums_of = _store_sums(store, device)
                     else:
                         assert sequential is not None
-                        H_of = _walk_hessian(sequential, p, layer, i, mine, targets[i] > 0 or quantize, device)
+                        sums_of = _walk_sums(sequential, layer, i, mine, targets[i] > 0 or quantize, device)
                     layer_rows, quantized, seconds = _compressed_layer(
-                        p, layer, i, mine, targets[i], quantize, H_of, kernel
+                        p, layer, i, mine, targets[i], quantize, sums_of, kernel
                     )
                     rows += layer_rows
                     solver_seconds += seconds
@@ -310,37 +341,56 @@ def _write_config(skeleton: Skeleton, p: Params, packed: list[str], path: Path) 
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _store_hessian(store: HessianStore, p: Params, device: torch.device) -> Any:
-    """H of a group from the cached sums."""
+def _store_sums(store: HessianStore, device: torch.device) -> Sums:
+    """A group's sums and token counts from the cached store."""
+    counts = {(g.layer, g.name): g.n_tokens for g in store.groups()}
 
-    def H_of(group: LinearGroup) -> torch.Tensor:
+    def sums_of(group: LinearGroup) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         sums = {s: torch.from_numpy(x).to(device) for s, x in store.sums(group).items()}
-        return hessian_from_sums(sums, store.n_tokens, p.prune.mix)  # [in, in]
+        return sums, counts[(group.layer, group.name)]
 
-    return H_of
+    return sums_of
 
 
-def _walk_hessian(
+def _walk_sums(
     sequential: _Sequential,
-    p: Params,
     layer: torch.nn.Module,
     i: int,
     groups: list[LinearGroup],
     compresses: bool,
     device: torch.device,
-) -> Any:
-    """H of a group of layer ``i`` from the activations that reach it in the model compressed so far (one forward
+) -> Sums:
+    """A group of layer ``i``'s sums over the activations that reach it in the model compressed so far (one forward
     of the still-dense layer ``i``, outputs discarded); nothing runs when the layer compresses nothing."""
     accumulators: dict[str, Accumulator] = {}
     if compresses:
-        accumulators = {g.name: Accumulator(in_features(layer.get_submodule(g.name)), device) for g in groups}
+        accumulators = {g.name: Accumulator(member_weight(layer, g.name).shape[1], device) for g in groups}
         sequential.walk.forward(i, layer, keep=False, accumulators=accumulators, label=f"layer {i} sums")
 
-    def H_of(group: LinearGroup) -> torch.Tensor:
+    def sums_of(group: LinearGroup) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         acc = accumulators[group.name]
-        return hessian_from_sums(acc.xtx, acc.n, p.prune.mix)  # [in, in]
+        return acc.xtx, acc.n
 
-    return H_of
+    return sums_of
+
+
+def _experts(p: Params, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Mixture of experts: how many experts were compressed, how many saw fewer than ``prune.expert_min_tokens``
+    calibration tokens (identity Hessian), and the coverage, the fraction that saw at least that many; None for a
+    dense model. Every compressed expert below the threshold is an error: the calibration routed nothing useful."""
+    compressed = [r for r in rows if r["expert"] is not None and (r["target"] > 0 or r["bits"] is not None)]
+    tokens = {r["expert"]: r["tokens"] for r in compressed}
+    if not tokens:
+        return None
+    below = sum(n < p.prune.expert_min_tokens for n in tokens.values())
+    if below == len(tokens):
+        raise RacError(
+            f"every one of the {len(tokens)} compressed experts saw fewer than prune.expert_min_tokens="
+            f"{p.prune.expert_min_tokens} calibration tokens (at most {max(tokens.values())}); lower it, or "
+            "calibrate on more tokens"
+        )
+    return {"compressed": len(tokens), "min_tokens": p.prune.expert_min_tokens, "below_min_tokens": below,
+            "coverage": 1 - below / len(tokens), "fallback": "identity Hessian"}  # fmt: skip
 
 
 def _write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
@@ -377,5 +427,6 @@ def _report(
         "export": p.prune.export,
         # Sequential mode's layer walk: what it held at most (GB), by plan (measured RSS goes to --timings).
         "memory_plan_gb": sequential.memory.as_dict() if sequential is not None else None,
+        "experts": _experts(p, rows),
         "layers": rows,
     }

@@ -22,7 +22,15 @@ from stages.cli import main
 from stages.errors import RacError
 from stages.generation import generate
 from stages.layers import Accumulator, ActivationCache, LayerWalk, Skeleton, batches, open_skeleton
-from stages.models import LINEAR_LIKE, decoder_layers, in_features, load_model, load_tokenizer, weight_of
+from stages.models import (
+    LINEAR_LIKE,
+    decoder_layers,
+    expert_member,
+    load_model,
+    load_tokenizer,
+    member_weight,
+    weight_of,
+)
 from stages.params import Params, load_params
 from stages.schemas import CALIBRATION, TRACES, read_parquet, write_parquet
 from stages.store import HessianStore
@@ -53,7 +61,15 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], PretrainedConfig]] = {
     "gemma3": _config("gemma3_text", sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
     "phi3": _config("phi3"),
     "gpt2": _gpt2,
+    # Mixtures of experts, each saved by save_pretrained in its hub layout (one tensor per expert) that
+    # transformers fuses into 3-D expert weights on load; Qwen2-MoE adds a shared expert and its gate.
+    "mixtral": _config("mixtral", num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": _config("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "qwen2_moe": _config(
+        "qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64
+    ),
 }
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 SMALL = {
     "sources": ["rac"],
     "sparsity": 0.5,
@@ -124,19 +140,41 @@ def test_layer_walk_equals_the_forward(family_dir: Path, tmp_path: Path) -> None
 
 @torch.no_grad()
 def full_forward_sums(model_dir: Path, seed: int, batch_tokens: int) -> dict[tuple[int, str], Accumulator]:
-    """The reference: one forward of the whole model per batch, with accumulating pre-hooks on every group."""
+    """The reference: one forward of the whole model per batch, with accumulating pre-hooks on every linear group;
+    for each expert, the tokens its router picked (the router's own top-k, read by a hook) and, for its down
+    projection, act(gate)·up of those tokens computed from its weights."""
     model = load_model(str(model_dir), CPU)
     layers = decoder_layers(model)
     sums: dict[tuple[int, str], Accumulator] = {}
     hooks = []
+    routed: list[tuple[int, str, torch.Tensor, torch.Tensor]] = []  # layer, experts name, hidden [N, d], top-k [N, k]
     for g in open_skeleton(str(model_dir), CPU)[1]:
-        linear = layers[g.layer].get_submodule(g.name)
-        sums[(g.layer, g.name)] = Accumulator(in_features(linear), CPU)
-        hooks.append(linear.register_forward_pre_hook(sums[(g.layer, g.name)]))
+        W = member_weight(layers[g.layer], g.name)
+        sums[(g.layer, g.name)] = Accumulator(W.shape[1], CPU)
+        if expert_member(g.name) is None:
+            hooks.append(layers[g.layer].get_submodule(g.name).register_forward_pre_hook(sums[(g.layer, g.name)]))
+    for i, layer in enumerate(layers):
+        for name, experts in layer.named_modules():
+            if name.endswith("mlp.experts"):
+
+                def keep(_m: torch.nn.Module, args: tuple, i: int = i, name: str = name) -> None:
+                    routed.append((i, name, args[0], args[1]))
+
+                hooks.append(experts.register_forward_pre_hook(keep))
     for batch in batches(*sequences(seed), batch_tokens, pad=0):
         for acc in sums.values():
             acc.segment = batch.segment
+        routed.clear()
         model(input_ids=batch.ids, attention_mask=batch.attention_mask)
+        for i, name, hidden, top_k in routed:
+            experts = layers[i].get_submodule(name)
+            for e in range(experts.num_experts):
+                tokens = (top_k == e).any(dim=-1)  # [N]
+                X = hidden[tokens]  # [n, d]
+                segment = batch.segment.reshape(-1)[tokens]
+                sums[(i, f"{name}.gate_up_proj.{e}")].add(X, segment)
+                gate, up = torch.nn.functional.linear(X, experts.gate_up_proj[e]).chunk(2, dim=-1)
+                sums[(i, f"{name}.down_proj.{e}")].add(experts.act_fn(gate) * up, segment)
     for hook in hooks:
         hook.remove()
     return sums
@@ -151,15 +189,30 @@ def test_dense_store_equals_a_full_forward(family_dir: Path, params_file: Callab
     assert {(g.layer, g.name) for g in store.groups()} == set(want)
     for g in store.groups():
         ref = want[(g.layer, g.name)]
-        assert g.n_tokens == ref.n and min(ref.n.values()) > 0
+        assert g.n_tokens == ref.n
+        assert sum(ref.n.values()) > 0 if expert_member(g.name) else min(ref.n.values()) > 0
+        assert sorted(store.sums(g)) == sorted(s for s, n in ref.n.items() if n > 0)
         for s, x in store.sums(g).items():
             upper = np.triu(ref.xtx[s].numpy())
-            np.testing.assert_array_equal(x, upper + np.triu(upper, 1).T)
+            if expert_member(g.name) is None:
+                np.testing.assert_array_equal(x, upper + np.triu(upper, 1).T)
+            else:  # the same rows summed in another order (the eager loop's, not by token): fp32 rounding apart
+                np.testing.assert_allclose(x, upper + np.triu(upper, 1).T, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+    if family_dir.name in MOE:
+        counts = [g.n_tokens for g in store.groups() if expert_member(g.name)]
+        routed = sum(n["prompt"] + n["decode"] for n in counts) / 2  # gate_up and down see the same tokens
+        total = store.n_tokens["prompt"] + store.n_tokens["decode"]
+        assert routed == 2 * total * len(decoder_layers(load_model(str(family_dir), CPU)))  # top-2 in every layer
 
 
 def decoder_sparsity(model: torch.nn.Module) -> float:
-    """The fraction of zeros over every linear-like weight inside the decoder layers."""
-    weights = [weight_of(m) for m in decoder_layers(model).modules() if isinstance(m, LINEAR_LIKE)]
+    """The fraction of zeros over every linear-like weight and every expert inside the decoder layers, routers
+    (``mlp.gate``, ``mlp.shared_expert_gate``) aside."""
+    layers = decoder_layers(model)
+    weights = [
+        weight_of(m) for n, m in layers.named_modules() if isinstance(m, LINEAR_LIKE) and not n.endswith("_gate")
+    ]
+    weights += [w for n, w in layers.named_parameters() if w.dim() == 3 and "experts" in n]
     return sum(int((W == 0).sum()) for W in weights) / sum(W.numel() for W in weights)
 
 
@@ -177,7 +230,8 @@ def test_prunes_reloads_and_generates(family_dir: Path, params_file: Callable[..
     assert decoder_sparsity(dense) == 0.0
     changed = {n for n, t in pruned.state_dict().items() if not torch.equal(t, dense.state_dict()[n])}
     prunable = {f"{n}.weight" for n, m in pruned.named_modules() if isinstance(m, LINEAR_LIKE)}
-    assert changed and changed <= prunable
+    prunable |= {n for n, w in pruned.named_parameters() if w.dim() == 3}
+    assert changed and changed <= prunable and not any(n.endswith("gate.weight") for n in changed)  # routers kept
     sampling = dataclasses.replace(p.evaluate, backend="hf", max_new_tokens=4)
     ((g,),) = generate(
         str(tmp_path / "pruned"), [load_tokenizer(str(family_dir)).encode("12+34=")], sampling, 1, p.vllm
@@ -256,22 +310,13 @@ def test_r1_tokenizer_model_prunes_and_reloads(r1: Path, tmp_path: Path, params_
 
 
 # Families the layer walk cannot compress, refused at `model` with what is missing: Mamba's mixer holds weights
-# outside linears (A_log, a depthwise conv); mixtures of experts (3-D expert weights, saved by save_pretrained in
-# the hub layout that transformers converts on load) are not compressed yet.
+# outside linears (A_log, a depthwise conv).
 REFUSED: dict[str, tuple[Callable[[dict[str, Any]], PretrainedConfig], str]] = {
     "mamba": (
         lambda base: AutoConfig.for_model(
             "mamba", **{k: base[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers")}, state_size=4
         ),
         "hold weights outside linear layers (mixer.A_log",
-    ),
-    "mixtral": (
-        _config("mixtral", num_local_experts=4, num_experts_per_tok=2),
-        "a mixture of experts (mlp.experts.gate_up_proj",
-    ),
-    "qwen3_moe": (
-        _config("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
-        "a mixture of experts (mlp.experts.gate_up_proj",
     ),
 }
 
@@ -305,7 +350,7 @@ def test_checkpoint_is_read_through_the_conversion_mapping(layout: str, tmp_path
     """A Mixtral checkpoint in the hub layout save_pretrained writes (one tensor per expert, renamed) and one
     under the module's own names (fused 3-D experts) both read as from_pretrained loads them; a missing expert
     tensor is named."""
-    model = save_family(tmp_path / "m", "mixtral", {"mixtral": REFUSED["mixtral"][0]})
+    model = save_family(tmp_path / "m", "mixtral", FAMILIES)
     want = load_model(str(model), CPU).state_dict()
     if layout == "module names":
         save_file({k: v.contiguous() for k, v in want.items()}, model / "model.safetensors", metadata={"format": "pt"})
