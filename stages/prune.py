@@ -315,6 +315,8 @@ def _layer_tensors(
     the dense checkpoint has."""
     state = {f"{name}.{k}": v.to(skeleton.dtypes[f"{name}.{k}"]).contiguous() for k, v in layer.state_dict().items()}
     state = stored_layout(skeleton.model, state)
+    if fmt == "hf":  # grid values in place: the weights as they are
+        return state
     for member, q in quantized.items():
         prefix = f"{name}.{member}"
         state.update(linear_tensors(fmt, prefix, state.pop(f"{prefix}.weight"), q))
@@ -379,7 +381,7 @@ def _experts(p: Params, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     calibration tokens (identity Hessian), and the coverage, the fraction that saw at least that many; None for a
     dense model. Every compressed expert below the threshold is an error: the calibration routed nothing useful."""
     compressed = [r for r in rows if r["expert"] is not None and (r["target"] > 0 or r["bits"] is not None)]
-    tokens = {r["expert"]: r["tokens"] for r in compressed}
+    tokens = {(r["layer"], r["expert"]): r["tokens"] for r in compressed}
     if not tokens:
         return None
     below = sum(n < p.prune.expert_min_tokens for n in tokens.values())

