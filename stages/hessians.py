@@ -42,10 +42,18 @@ from stages.layers import (
     plan,
     scratch_root,
 )
-from stages.models import LinearGroup, compute_device, fingerprint, load_tokenizer, member_weight, model_dir
+from stages.models import (
+    LinearGroup,
+    compute_device,
+    expert_member,
+    fingerprint,
+    load_tokenizer,
+    member_weight,
+    model_dir,
+)
 from stages.params import Params
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
-from stages.store import Digests, HessianWriter
+from stages.store import Digests, HessianStore, HessianWriter
 from stages.workspace import build_lock, partial_root, remove_build, repo_root
 
 log = logging.getLogger(__name__)
@@ -194,6 +202,7 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> Memo
                 writer.publish(out)
                 remove_build(work)
                 log.info("hessians %s: %d groups over %d layers", meta.get("source"), len(groups), n_layers)
+                _log_expert_coverage(p, out, str(meta.get("source")))
         except KeyboardInterrupt:
             if rank == 0:
                 log.warning("interrupted: %s is kept, so a rerun resumes; `rac clean` removes it", work)
@@ -205,6 +214,22 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> Memo
         finally:
             cache.close()
     return memory
+
+
+def _log_expert_coverage(p: Params, store: Path, source: str) -> None:
+    """For a mixture of experts: how many experts this source's tokens reached at least
+    ``prune.expert_min_tokens`` times (mixed segments); the others will be compressed with the identity Hessian."""
+    tokens: dict[tuple[int, str, int], int] = {}
+    for g in HessianStore(store, None).groups():
+        expert = expert_member(g.name)
+        if expert is not None:
+            tokens[(g.layer, expert[0], expert[2])] = sum(n for s, n in g.n_tokens.items() if p.prune.mix[s] > 0)
+    if tokens:
+        covered = sum(n >= p.prune.expert_min_tokens for n in tokens.values())
+        log.info(
+            "hessians %s: %d of %d experts (%.1f%%) saw >= prune.expert_min_tokens=%d tokens",
+            source, covered, len(tokens), 100 * covered / len(tokens), p.prune.expert_min_tokens,
+        )  # fmt: skip
 
 
 def _worker(rank: int, world_size: int, init_file: str, p: Params, calib: Path, out: Path) -> None:

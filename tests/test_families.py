@@ -381,14 +381,16 @@ def _expert_rows(report: dict[str, Any]) -> dict[tuple[int, str], int]:
 
 
 def test_experts_below_the_threshold_get_the_identity_hessian(
-    mixtral_dir: Path, params_file: Callable[..., Path], tmp_path: Path
+    mixtral_dir: Path, params_file: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With prune.expert_min_tokens between the experts' token counts, those below it are compressed with the
     identity Hessian (magnitude pruning: the largest |w| kept), counted in report.json with the coverage; a
     threshold above every expert is one line, nothing written."""
     calib = calibration(tmp_path / "calib.parquet", seed=5)
     p = load_params(params_file(mixtral_dir, SMALL | {"activations": {"batch_tokens": 64}}))
-    hessians.run(p, calib, tmp_path / "h.zarr", 1)
+    with caplog.at_level("INFO", logger="stages.hessians"):
+        hessians.run(p, calib, tmp_path / "h.zarr", 1)
+    assert "hessians rac: 8 of 8 experts (100.0%) saw >= prune.expert_min_tokens=16 tokens" in caplog.text
     tokens = sorted({sum(g.n_tokens.values()) for g in HessianStore(tmp_path / "h.zarr", None).groups()
                      if expert_member(g.name)})  # fmt: skip
     assert len(tokens) > 1
