@@ -453,14 +453,17 @@ def test_experts_below_the_threshold_get_the_identity_hessian(
     [
         {"prune": {"calibration": "sequential"}},
         {"pruner": "gptq", "sparsity": 0.0, "quant": {"bits": 4, "group_size": 16}},
+        {"pruner": "wanda"},
+        {"pruner": "alps"},
     ],
-    ids=["sequential", "gptq"],
+    ids=["sequential", "gptq", "wanda", "alps"],
 )
 def test_experts_in_sequential_mode_and_gptq(
     overrides: dict[str, Any], mixtral_dir: Path, params_file: Callable[..., Path], tmp_path: Path
 ) -> None:
     """Sequential calibration prunes every expert from the routed tokens of the model pruned so far; GPTQ
-    quantizes every expert to 16 levels per group; both reload in transformers."""
+    quantizes every expert to 16 levels per group; Wanda and ALPS prune them from their own Hessians; all reload
+    in transformers."""
     calib = calibration(tmp_path / "calib.parquet", seed=6)
     p = load_params(params_file(mixtral_dir, SMALL | {"activations": {"batch_tokens": 64}} | overrides))
     if p.prune.calibration == "dense":
