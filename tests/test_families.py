@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.models.gemma3 import modeling_gemma3
 
 from stages import calibrate, hessians, prune, rollout, toy
 from stages.cli import main
@@ -494,3 +495,22 @@ def test_packed_export_of_experts_is_refused(
     ):
         prune.run(p, tmp_path / "h.zarr", None, tmp_path / "pruned")
     assert not (tmp_path / "pruned").exists()
+
+
+def test_any_failure_in_the_walk_is_one_line_naming_the_architecture(
+    tmp_path: Path, params_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever transformers' code for a family raises inside the probe or the few-token walk (here a layer's
+    forward) reaches the user as one line naming the architecture and the error, with nothing written."""
+    model = save_family(tmp_path / "m", "gemma3", FAMILIES)
+
+    def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("expected all tensors to be on the same device\nsecond line")
+
+    monkeypatch.setattr(modeling_gemma3.Gemma3MLP, "forward", broken)
+    out = tmp_path / "identity.json"
+    result = CliRunner().invoke(main, ["model", "--params", str(params_file(model)), "--out", str(out)])
+    assert_bad_input(
+        result, "Gemma3ForCausalLM is not supported by rac's layer walk", "(RuntimeError: expected all tensors"
+    )
+    assert "second line" not in result.stderr and not out.exists()
