@@ -245,12 +245,14 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
     device = compute_device()
     skeleton, groups = open_skeleton(p.dense, device)
     store: HessianStore | None = None
+    counts: dict[tuple[int, str], dict[str, int]] = {}  # dense mode: each stored group's tokens
     sequential: _Sequential | None = None
     if mode == "dense":
         assert hessians is not None
         store = HessianStore(hessians, fingerprint(p.dense))
         _check_mix(store.n_tokens, p, repr(str(hessians)))
         store.require_groups(groups)  # else a layer missing from the store would stay dense, unreported
+        counts = {(g.layer, g.name): g.n_tokens for g in store.groups()}  # an expert's: its routed tokens
         source, inputs = store.attrs["source"], str(hessians)
     else:
         assert calib is not None
@@ -277,7 +279,7 @@ def run(p: Params, hessians: Path | None, calib: Path | None, out: Path) -> dict
                 quantize = p.quant.spec is not None and i in selected
                 with skeleton.loaded(name) as layer:
                     if store is not None:
-                        sums_of = _store_sums(store, device)
+                        sums_of = _store_sums(store, counts, device)
                     else:
                         assert sequential is not None
                         sums_of = _walk_sums(sequential, layer, i, mine, targets[i] > 0 or quantize, device)
@@ -343,9 +345,8 @@ def _write_config(skeleton: Skeleton, p: Params, packed: list[str], path: Path) 
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _store_sums(store: HessianStore, device: torch.device) -> Sums:
-    """A group's sums and token counts from the cached store."""
-    counts = {(g.layer, g.name): g.n_tokens for g in store.groups()}
+def _store_sums(store: HessianStore, counts: dict[tuple[int, str], dict[str, int]], device: torch.device) -> Sums:
+    """A group's sums from the cached store, with its token ``counts`` (by layer and name)."""
 
     def sums_of(group: LinearGroup) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         sums = {s: torch.from_numpy(x).to(device) for s, x in store.sums(group).items()}
