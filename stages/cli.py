@@ -105,11 +105,14 @@ def preset(params_path: Path, preset: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="identity.json to write.")
 def model(params_path: Path, out: Path) -> None:
     """Record what the dense model is (config, sha256 of its weight and tokenizer files, hub revision), so DVC
-    re-runs what depends on it when it changes, even at the same path."""
-    from stages.models import identity
+    re-runs what depends on it when it changes, even at the same path; first walk it layer by layer on a few tokens,
+    so an architecture rac cannot compress is refused before the rollout."""
+    from stages.layers import check_walkable
+    from stages.models import compute_device, identity
     from stages.schemas import atomic_path
 
     p = _params(params_path)
+    check_walkable(p.dense, compute_device())
     record = {"model": p.model, "revision": p.revision, **identity(p.dense)}
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")

@@ -39,14 +39,23 @@ from stages.layers import (
     Skeleton,
     batches,
     check_budget,
+    open_skeleton,
     peak_rss_gb,
     plan,
     scratch_root,
 )
-from stages.models import LinearGroup, compute_device, fingerprint, load_tokenizer, model_dir
+from stages.models import (
+    LinearGroup,
+    compute_device,
+    expert_member,
+    fingerprint,
+    load_tokenizer,
+    member_weight,
+    model_dir,
+)
 from stages.params import Params
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
-from stages.store import Digests, HessianWriter
+from stages.store import Digests, HessianStore, HessianWriter
 from stages.workspace import build_lock, partial_root, remove_build, repo_root
 
 log = logging.getLogger(__name__)
@@ -84,7 +93,7 @@ def layer_sums(
     for i in range(start, n_layers):
         with skeleton.loaded(skeleton.prefix(i).rstrip(".")) as layer:
             accumulators = {
-                g.name: Accumulator(layer.get_submodule(g.name).in_features, skeleton.device)
+                g.name: Accumulator(member_weight(layer, g.name).shape[1], skeleton.device)
                 for g in groups
                 if g.layer == i
             }
@@ -105,7 +114,7 @@ def check_chunk(skeleton: Skeleton, groups: list[LinearGroup], n_tokens: dict[st
 
     def files(edge: int) -> int:
         segments = sum(n > 0 for n in n_tokens.values())  # a segment of no tokens has no array
-        widths = [skeleton.model.get_submodule(skeleton.prefix(g.layer) + g.name).in_features for g in groups]
+        widths = [member_weight(skeleton.layers[g.layer], g.name).shape[1] for g in groups]
         return segments * sum(-(-d // edge) * (-(-d // edge) + 1) // 2 for d in widths)  # upper-triangle chunks
 
     if files(chunk) > MAX_STORE_FILES:
@@ -159,9 +168,8 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> Memo
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = compute_device() if world_size == 1 or not torch.cuda.is_available() else torch.device("cuda", rank)
     check_token_ids(ids, AutoConfig.from_pretrained(model_dir(p.dense)).get_text_config().vocab_size, calib)
-    skeleton = Skeleton(p.dense, device)
+    skeleton, groups = open_skeleton(p.dense, device)
     model_fingerprint = fingerprint(p.dense)
-    groups = skeleton.groups()
     check_chunk(skeleton, groups, n_tokens, p.hessians.chunk)
     work_batches = batches(ids[rank::world_size], segments[rank::world_size], p.activations.batch_tokens, pad)
     budget = p.activations.memory_gb * 2**30
@@ -221,6 +229,7 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> Memo
                 writer.publish(out)
                 remove_build(work)
                 log.info("hessians %s: %d groups over %d layers", meta.get("source"), len(groups), n_layers)
+                _log_expert_coverage(p, out, str(meta.get("source")))
         except KeyboardInterrupt:
             if rank == 0:
                 log.warning("interrupted: %s is kept, so a rerun resumes; `rac clean` removes it", work)
@@ -242,6 +251,22 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> Memo
         finally:
             cache.close()
     return memory
+
+
+def _log_expert_coverage(p: Params, store: Path, source: str) -> None:
+    """For a mixture of experts: how many experts this source's tokens reached at least
+    ``prune.expert_min_tokens`` times (mixed segments); the others will be compressed with the identity Hessian."""
+    tokens: dict[tuple[int, str, int], int] = {}
+    for g in HessianStore(store, None).groups():
+        expert = expert_member(g.name)
+        if expert is not None:
+            tokens[(g.layer, expert[0], expert[2])] = sum(n for s, n in g.n_tokens.items() if p.prune.mix[s] > 0)
+    if tokens:
+        covered = sum(n >= p.prune.expert_min_tokens for n in tokens.values())
+        log.info(
+            "hessians %s: %d of %d experts (%.1f%%) saw >= prune.expert_min_tokens=%d tokens",
+            source, covered, len(tokens), 100 * covered / len(tokens), p.prune.expert_min_tokens,
+        )  # fmt: skip
 
 
 def _worker(rank: int, world_size: int, init_file: str, p: Params, calib: Path, out: Path) -> None:

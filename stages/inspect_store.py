@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from stages.errors import RacError
-from stages.layers import Skeleton, plan
+from stages.layers import open_skeleton, plan
 from stages.models import fingerprint
 from stages.params import Params
 from stages.schemas import SEGMENT_IDS, tmp_sibling
@@ -52,10 +52,10 @@ def _memory(p: Params, store: HessianStore) -> None:
     if store.attrs["model_fingerprint"] != fingerprint(p.dense):
         print(f"memory: `model` in params is not the store's model {store.attrs['model_id']!r}; not planned")
         return
-    skeleton = Skeleton(p.dense, torch.device("cpu"))
+    skeleton, groups = open_skeleton(p.dense, torch.device("cpu"))
     n, per_batch = sum(store.n_tokens.values()), p.activations.batch_tokens
     positions = [per_batch] * (n // per_batch) + ([n % per_batch] if n % per_batch else [])
-    memory = plan(skeleton, skeleton.groups(), positions, p.activations.memory_gb * 2**30)
+    memory = plan(skeleton, groups, positions, p.activations.memory_gb * 2**30)
     parts = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in memory.as_dict().items())
     print(f"layer walk memory (GB, activations.memory_gb={p.activations.memory_gb:g}): {parts}")
 

@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
 from stages.errors import RacError
@@ -359,6 +360,37 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return module
     raise RacError(f"no ModuleList of {n_layers} decoder layers in {type(model).__name__}; add its layout to models.py")
+
+
+# The modules rac compresses: a weight matrix applied to the last dimension of their input. GPT-2's Conv1D is a
+# linear whose weight is stored transposed ([in, out]).
+LINEAR_LIKE = (nn.Linear, Conv1D)
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """W [out, in] of a linear-like module: a view of its weight, so writing into it writes the module's."""
+    return module.weight.data.T if isinstance(module, Conv1D) else module.weight.data
+
+
+# An expert's slice of a 3-D expert weight [E, out, in] inside a mixture-of-experts block is named
+# ``<experts module>.<parameter>.<expert>``, e.g. ``mlp.experts.gate_up_proj.3``.
+_EXPERT = re.compile(r"^(?P<owner>.*experts)\.(?P<param>\w+)\.(?P<e>\d+)$")
+
+
+def expert_member(member: str) -> tuple[str, str, int] | None:
+    """(experts module, 3-D parameter, expert index) of an expert member's name; None for a linear's."""
+    m = _EXPERT.match(member)
+    return (m["owner"], m["param"], int(m["e"])) if m else None
+
+
+def member_weight(layer: nn.Module, member: str) -> torch.Tensor:
+    """W [out, in] of ``member`` of a decoder layer (a linear-like module, or one expert of a 3-D expert weight):
+    a view, so writing into it writes the model's weight."""
+    expert = expert_member(member)
+    if expert is None:
+        return weight_of(layer.get_submodule(member))
+    owner, param, e = expert
+    return getattr(layer.get_submodule(owner), param).data[e]
 
 
 @dataclass(frozen=True)

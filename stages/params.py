@@ -298,6 +298,7 @@ class PruneParams:
     allocation: str
     spread: float
     outlier_threshold: float
+    expert_min_tokens: int
 
     def check(self) -> None:
         _choice("prune.calibration", self.calibration, CALIBRATIONS)
@@ -311,6 +312,7 @@ class PruneParams:
         for spec in (self.layers, *self.overrides):
             check_layers(spec)
         _positive("prune.block_size", self.block_size)
+        _positive("prune.expert_min_tokens", self.expert_min_tokens)  # an expert of no tokens has no Hessian
         if not 0 < self.damp <= 1:
             raise RacError(f"prune.damp={self.damp!r} must be in (0, 1]: a fraction of mean(diag H), 0.01 is usual")
         if set(self.mix) != set(SEGMENT_IDS):
@@ -560,11 +562,25 @@ _SECTIONS = {
 }
 
 
+def _maps() -> set[str]:
+    """Dotted names of the params that map any name (``benchmarks``, ``prune.mix``, …): a preset may add entries."""
+    return {
+        f"{section}.{key}".lstrip(".")
+        for section, cls in [("", Params), *_SECTIONS.items()]
+        for key, hint in get_type_hints(cls).items()
+        if get_origin(hint) is dict
+    }
+
+
 def _overlay(base: dict[str, Any], preset: dict[str, Any], where: str) -> None:
-    """Set ``preset``'s values into ``base`` in place, refusing keys that ``base`` lacks."""
+    """Set ``preset``'s values into ``base`` in place, refusing keys that ``base`` lacks, except new entries of a
+    map (a new benchmark); ``load_params`` then validates them."""
     for key, value in preset.items():
-        if key not in base:
+        if key not in base and where.rstrip(".") not in _maps():
             raise RacError(f"preset key '{where}{key}' is not in params.yaml; fix the spelling")
+        if key not in base:
+            base[key] = value
+            continue
         if isinstance(value, dict) and isinstance(base[key], dict) and key != "overrides":  # overrides: replaced
             _overlay(base[key], value, f"{where}{key}.")
         else:

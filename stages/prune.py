@@ -18,6 +18,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,22 @@ from stages.layers import (
     Skeleton,
     batches,
     check_budget,
+    open_skeleton,
     peak_rss_gb,
     plan,
     scratch_root,
+    stored_layout,
 )
-from stages.models import LinearGroup, compute_device, fingerprint, load_tokenizer, tokenizer_files
+from stages.models import (
+    LINEAR_LIKE,
+    LinearGroup,
+    compute_device,
+    expert_member,
+    fingerprint,
+    load_tokenizer,
+    member_weight,
+    tokenizer_files,
+)
 from stages.params import Params, in_params_terms
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
 from stages.selection import in_scope, selected_layers
@@ -89,6 +101,9 @@ class _Sequential:
         self.walk = LayerWalk(skeleton, work, self.cache)
 
 
+Sums = Callable[[LinearGroup], tuple[dict[str, torch.Tensor], dict[str, int]]]  # a group's sums and counts
+
+
 def _compressed_layer(
     p: Params,
     layer: torch.nn.Module,
@@ -96,56 +111,83 @@ def _compressed_layer(
     groups: list[LinearGroup],
     target: float,
     quantize: bool,
-    H_of: Any,
+    sums_of: Sums,
     kernel: str,
 ) -> tuple[list[dict[str, Any]], dict[str, Quantized], float]:
-    """Compress the in-scope linears of decoder layer ``i`` in place with ``H_of(group)``: prune to ``target`` and,
-    if ``quantize``, round to ``quant``'s grid; return the report rows, the integer form of each quantized
-    linear (by its name in the layer) and the solver seconds."""
+    """Compress the in-scope linears and experts of decoder layer ``i`` in place with H from ``sums_of(group)``:
+    prune to ``target`` and, if ``quantize``, round to ``quant``'s grid; return the report rows, the integer form
+    of each quantized linear (by its name in the layer) and the solver seconds. An expert routed fewer than
+    ``prune.expert_min_tokens`` tokens gets the identity Hessian."""
     rows: list[dict[str, Any]] = []
     quantized: dict[str, Quantized] = {}
     seconds = 0.0
+    sparse_experts: list[str] = []
     for group in groups:
         chosen = [m for m in group.members if in_scope(m, p.prune.scope) and (target > 0 or quantize)]
-        linears = {m: layer.get_submodule(m) for m in group.members}
+        weights = {m: member_weight(layer, m) for m in group.members}  # W [out, in], views into the layer
         results: dict[str, Compressed] = {}
+        tokens = 0
+        fallback = False
         if chosen:
             opts = dataclasses.replace(p.options(target), kernel=kernel, quant=p.quant.spec if quantize else None)
-            H = H_of(group)  # [in, in]
+            sums, counts = sums_of(group)
+            tokens = sum(n for s, n in counts.items() if p.prune.mix[s] > 0)
+            fallback = expert_member(group.name) is not None and tokens < p.prune.expert_min_tokens
+            if fallback:
+                sparse_experts.append(group.name)
+                d = weights[group.name].shape[1]
+                H = torch.eye(d, device=weights[group.name].device)  # [in, in]
+            else:
+                H = hessian_from_sums(sums, counts, p.prune.mix)  # [in, in]
             start = time.perf_counter()
             try:
                 # The members share H: the OBS solvers factor it once for all of them.
-                solved = solve_group(p.pruner, [linears[m].weight.data for m in chosen], H, opts)
+                solved = solve_group(p.pruner, [weights[m] for m in chosen], H, opts)
             except OptionError as err:
                 raise RacError(f"layer {i} {'/'.join(chosen)}: {in_params_terms(err)}") from err
             seconds += time.perf_counter() - start
             results = dict(zip(chosen, solved, strict=True))
         for member in group.members:
-            linear = linears[member]
             result = results.get(member)
             if result is None:
-                rows.append(_row(i, member, linear.weight, 0.0, 0.0, 0.0, None))
+                rows.append(_row(i, member, weights[member], 0.0, 0.0, 0.0, None, tokens, fallback))
                 continue
             if result.damp_used > p.prune.damp:
                 log.warning(
                     "layer %d %s: Cholesky failed at damp=%g; used damp=%g", i, member, p.prune.damp, result.damp_used
                 )
-            linear.weight.data.copy_(result.weight)
+            weights[member].copy_(result.weight)
             if result.quant is not None:
                 quantized[member] = result.quant
             bits = result.quant.bits if result.quant is not None else None
-            rows.append(_row(i, member, result.weight, target, result.loss, result.damp_used, bits))
+            rows.append(_row(i, member, result.weight, target, result.loss, result.damp_used, bits, tokens, fallback))
+    if sparse_experts:
+        log.warning(
+            "layer %d: %d expert weight(s) saw fewer than prune.expert_min_tokens=%d tokens (%s): identity Hessian",
+            i, len(sparse_experts), p.prune.expert_min_tokens, ", ".join(sparse_experts[:4]),
+        )  # fmt: skip
     return rows, quantized, seconds
 
 
 def _row(
-    i: int, member: str, weight: torch.Tensor, target: float, loss: float, damp_used: float, bits: int | None
+    i: int,
+    member: str,
+    weight: torch.Tensor,
+    target: float,
+    loss: float,
+    damp_used: float,
+    bits: int | None,
+    tokens: int,
+    fallback: bool,
 ) -> dict[str, Any]:
-    """report.json's row of one linear after compression (target 0: left as it was)."""
+    """report.json's row of one linear or expert after compression (target 0: left as it was); ``tokens`` that
+    entered its Hessian (mixed segments), and whether it fell back to the identity Hessian."""
     sparsity = float((weight == 0).float().mean())
     shape = list(weight.shape)
+    expert = expert_member(member)
     return {"layer": i, "module": member, "shape": shape, "target": target, "loss": loss, "sparsity": sparsity,
-            "damp_used": damp_used, "bits": bits}  # fmt: skip
+            "damp_used": damp_used, "bits": bits, "tokens": tokens,
+            "expert": f"{expert[0]}.{expert[2]}" if expert else None, "identity_hessian": fallback}  # fmt: skip
 
 
 def check_layer_shapes(p: Params, skeleton: Skeleton, groups: list[LinearGroup], targets: dict[int, float]) -> None:
@@ -156,13 +198,21 @@ def check_layer_shapes(p: Params, skeleton: Skeleton, groups: list[LinearGroup],
         quantize = p.quant.spec is not None and group.layer in selected
         if not (targets[group.layer] > 0 or quantize):
             continue
-        in_features = skeleton.layers[group.layer].get_submodule(group.name).in_features
+        d = member_weight(skeleton.layers[group.layer], group.name).shape[1]
+        if quantize and p.prune.export != "hf":
+            for member in group.members:
+                kind = "expert" if expert_member(member) else type(skeleton.layers[group.layer].get_submodule(member))
+                if kind is not torch.nn.Linear:
+                    raise RacError(
+                        f"layer {group.layer} {member}: prune.export={p.prune.export!r} packs nn.Linear weights, "
+                        f"not {getattr(kind, '__name__', kind)} ones; set prune.export hf"
+                    )
         try:
             if targets[group.layer] > 0:
-                layer_pattern(p.prune.pattern, targets[group.layer], in_features)
+                layer_pattern(p.prune.pattern, targets[group.layer], d)
             if quantize:
                 assert p.quant.spec is not None
-                check_spec(p.quant.spec, in_features)
+                check_spec(p.quant.spec, d)
         except OptionError as err:
             raise RacError(f"layer {group.layer} {group.name}: {in_params_terms(err)}") from err
 
@@ -188,14 +238,15 @@ def run(
         )
     kernel = resolve_kernel(p.prune.kernel, p.quant.spec is not None)
     device = compute_device()
-    skeleton = Skeleton(p.dense, device)
-    groups = skeleton.groups()
+    skeleton, groups = open_skeleton(p.dense, device)
     store: HessianStore | None = None
+    counts: dict[tuple[int, str], dict[str, int]] = {}  # dense mode: each stored group's tokens
     sequential: _Sequential | None = None
     if hessians is not None and (mode == "dense" or p.prune.allocation != "uniform"):
         store = HessianStore(hessians, fingerprint(p.dense))
         _check_mix(store.n_tokens, p, repr(str(hessians)))
         store.require_groups(groups)  # else a layer missing from the store would stay dense, unreported
+        counts = {(g.layer, g.name): g.n_tokens for g in store.groups()}  # an expert's: its routed tokens
     if mode == "dense":
         assert store is not None
         source, inputs = store.attrs["source"], str(hessians)
@@ -231,13 +282,13 @@ def run(
                 name = skeleton.prefix(i).rstrip(".")
                 quantize = p.quant.spec is not None and i in selected
                 with skeleton.loaded(name) as layer:
-                    if sequential is None:
+                    if sequential is None:  # dense mode; a store beside sequential mode serves the allocation
                         assert store is not None
-                        H_of = _store_hessian(store, p, device)
+                        sums_of = _store_sums(store, counts, device)
                     else:
-                        H_of = _walk_hessian(sequential, p, layer, i, mine, targets[i] > 0 or quantize, device)
+                        sums_of = _walk_sums(sequential, layer, i, mine, targets[i] > 0 or quantize, device)
                     layer_rows, quantized, seconds = _compressed_layer(
-                        p, layer, i, mine, targets[i], quantize, H_of, kernel
+                        p, layer, i, mine, targets[i], quantize, sums_of, kernel
                     )
                     rows += layer_rows
                     solver_seconds += seconds
@@ -246,9 +297,7 @@ def run(
                     tensors = _layer_tensors(p.prune.export, name, layer, skeleton, quantized)
                     packed += [f"{name}.{member}" for member in quantized]
                 total_bytes += _write_shard(tmp, _shard_name(i, n_layers + 1), tensors, weight_map)
-            prefixes = tuple(skeleton.prefix(i) for i in range(n_layers))
-            rest = skeleton.tensors([k for k in skeleton.files if not k.startswith(prefixes)])
-            total_bytes += _write_shard(tmp, _shard_name(n_layers, n_layers + 1), rest, weight_map)
+            total_bytes += _write_shard(tmp, _shard_name(n_layers, n_layers + 1), _rest(skeleton), weight_map)
             index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
             for file in tokenizer_files(p.dense):
@@ -273,18 +322,29 @@ def run(
 def _layer_tensors(
     fmt: str, name: str, layer: torch.nn.Module, skeleton: Skeleton, quantized: dict[str, Quantized]
 ) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of decoder layer ``name`` in export ``fmt``, each in its stored dtype."""
+    """The checkpoint tensors of decoder layer ``name`` in export ``fmt``, each in its stored dtype, in the layout
+    the dense checkpoint has."""
     state = {f"{name}.{k}": v.to(skeleton.dtypes[f"{name}.{k}"]).contiguous() for k, v in layer.state_dict().items()}
+    state = stored_layout(skeleton.model, state)
+    if fmt == "hf":  # grid values in place: the weights as they are
+        return state
     for member, q in quantized.items():
         prefix = f"{name}.{member}"
         state.update(linear_tensors(fmt, prefix, state.pop(f"{prefix}.weight"), q))
     return state
 
 
+def _rest(skeleton: Skeleton) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors outside the decoder layers (embedding, final norm, LM head unless tied), as stored."""
+    layers = skeleton.layers_name + "."
+    names = [n for n in skeleton.checkpoint.covers if not n.startswith(layers)]
+    return stored_layout(skeleton.model, {k: v.contiguous() for k, v in skeleton.tensors(names).items()})
+
+
 def _write_config(skeleton: Skeleton, p: Params, packed: list[str], path: Path) -> None:
     """The dense model's config.json, verbatim for ``hf``; with its ``quantization_config`` for a packed export."""
     source = skeleton.directory / "config.json"
-    linears = [n for n, m in skeleton.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linears = [n for n, m in skeleton.model.named_modules() if isinstance(m, LINEAR_LIKE)]
     qc = quantization_config(p.prune.export, p.quant.spec, sorted(set(linears) - set(packed)))
     if qc is None:
         shutil.copyfile(source, path)
@@ -294,37 +354,55 @@ def _write_config(skeleton: Skeleton, p: Params, packed: list[str], path: Path) 
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _store_hessian(store: HessianStore, p: Params, device: torch.device) -> Any:
-    """H of a group from the cached sums."""
+def _store_sums(store: HessianStore, counts: dict[tuple[int, str], dict[str, int]], device: torch.device) -> Sums:
+    """A group's sums from the cached store, with its token ``counts`` (by layer and name)."""
 
-    def H_of(group: LinearGroup) -> torch.Tensor:
+    def sums_of(group: LinearGroup) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         sums = {s: torch.from_numpy(x).to(device) for s, x in store.sums(group).items()}
-        return hessian_from_sums(sums, store.n_tokens, p.prune.mix)  # [in, in]
+        return sums, counts[(group.layer, group.name)]
 
-    return H_of
+    return sums_of
 
 
-def _walk_hessian(
+def _walk_sums(
     sequential: _Sequential,
-    p: Params,
     layer: torch.nn.Module,
     i: int,
     groups: list[LinearGroup],
     compresses: bool,
     device: torch.device,
-) -> Any:
-    """H of a group of layer ``i`` from the activations that reach it in the model compressed so far (one forward
+) -> Sums:
+    """A group of layer ``i``'s sums over the activations that reach it in the model compressed so far (one forward
     of the still-dense layer ``i``, outputs discarded); nothing runs when the layer compresses nothing."""
     accumulators: dict[str, Accumulator] = {}
     if compresses:
-        accumulators = {g.name: Accumulator(layer.get_submodule(g.name).in_features, device) for g in groups}
+        accumulators = {g.name: Accumulator(member_weight(layer, g.name).shape[1], device) for g in groups}
         sequential.walk.forward(i, layer, keep=False, accumulators=accumulators, label=f"layer {i} sums")
 
-    def H_of(group: LinearGroup) -> torch.Tensor:
+    def sums_of(group: LinearGroup) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         acc = accumulators[group.name]
-        return hessian_from_sums(acc.xtx, acc.n, p.prune.mix)  # [in, in]
+        return acc.xtx, acc.n
 
-    return H_of
+    return sums_of
+
+
+def _experts(p: Params, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Mixture of experts: how many experts were compressed, how many saw fewer than ``prune.expert_min_tokens``
+    calibration tokens (identity Hessian), and the coverage, the fraction that saw at least that many; None for a
+    dense model. Every compressed expert below the threshold is an error: the calibration routed nothing useful."""
+    compressed = [r for r in rows if r["expert"] is not None and (r["target"] > 0 or r["bits"] is not None)]
+    tokens = {(r["layer"], r["expert"]): r["tokens"] for r in compressed}
+    if not tokens:
+        return None
+    below = sum(n < p.prune.expert_min_tokens for n in tokens.values())
+    if below == len(tokens):
+        raise RacError(
+            f"every one of the {len(tokens)} compressed experts saw fewer than prune.expert_min_tokens="
+            f"{p.prune.expert_min_tokens} calibration tokens (at most {max(tokens.values())}); lower it, or "
+            "calibrate on more tokens"
+        )
+    return {"compressed": len(tokens), "min_tokens": p.prune.expert_min_tokens, "below_min_tokens": below,
+            "coverage": 1 - below / len(tokens), "fallback": "identity Hessian"}  # fmt: skip
 
 
 def _write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
@@ -386,6 +464,7 @@ def _report(
                 for i in by_layer
             ],
         },
+        "experts": _experts(p, rows),
         "layers": rows,
     }
 

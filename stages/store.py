@@ -34,7 +34,7 @@ import zarr
 from zarr.codecs.numcodecs import Zstd
 
 from stages.errors import RacError
-from stages.models import LinearGroup
+from stages.models import LinearGroup, expert_member
 from stages.schemas import SEGMENT_IDS, atomic_path, numcodecs_quiet, tmp_sibling
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,13 @@ class GroupInfo(LinearGroup):
     @property
     def key(self) -> str:
         return group_key(self)
+
+
+def counts_fit(group: LinearGroup, counts: dict[str, int], total: dict[str, int]) -> bool:
+    """A group saw every calibration token; an expert's group (routed tokens only) saw at most as many."""
+    if expert_member(group.name) is None:
+        return counts == total
+    return all(0 <= counts[s] <= total[s] for s in SEGMENT_IDS)
 
 
 def _spec(group: LinearGroup) -> tuple[int, list[str]]:
@@ -191,7 +198,7 @@ class HessianWriter:
             if node is None:
                 raise RacError(f"Hessian build {str(self.build)!r} lacks group {group_key(spec)!r}; rerun hessians")
             counts = {s: int(node.attrs[f"n_tokens_{s}"]) for s in SEGMENT_IDS}
-            if counts != expected:
+            if not counts_fit(spec, counts, expected):
                 raise RacError(
                     f"group {group_key(spec)!r} saw tokens {counts}, not the calibration's {expected}; rerun hessians"
                 )
@@ -356,7 +363,7 @@ class HessianStore:
             self.verify(f"{group_key(spec)}/zarr.json")  # its attrs are read next
             attrs = self.root[group_key(spec)].attrs
             counts = {s: int(attrs[f"n_tokens_{s}"]) for s in SEGMENT_IDS}
-            if counts != self.n_tokens:
+            if not counts_fit(spec, counts, self.n_tokens):
                 raise RacError(
                     f"Hessian store {str(self.path)!r}: group {group_key(spec)!r} saw tokens {counts}, "
                     f"not the store's {self.n_tokens}; rebuild it"
@@ -371,11 +378,12 @@ class HessianStore:
         sums = {}
         with numcodecs_quiet():
             node = self.root[group_key(group)]
-            for s in (s for s in SEGMENT_IDS if self.n_tokens[s] > 0):
+            counts = {s: int(node.attrs[f"n_tokens_{s}"]) for s in SEGMENT_IDS}
+            for s in (s for s in SEGMENT_IDS if counts[s] > 0):
                 if f"xtx_{s}" not in node:
                     raise RacError(
                         f"Hessian store {str(self.path)!r}: group {group_key(group)!r} has no {s} sums although "
-                        f"{self.n_tokens[s]} {s} tokens entered it; rebuild it"
+                        f"{counts[s]} {s} tokens entered it; rebuild it"
                     )
                 upper = np.asarray(node[f"xtx_{s}"][...])  # [d, d], zero below the diagonal
                 sums[s] = upper + np.triu(upper, 1).T

@@ -2,6 +2,9 @@
 pruning equals a hand-written loop, activations spill to disk and are removed, bad settings are one line."""
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -276,3 +279,43 @@ def test_bad_layer_walk_settings_are_one_line(
     }[args[0]]
     assert_bad_input(CliRunner().invoke(main, command), *needles)
     assert not (tmp_path / "h.zarr").exists() and not (tmp_path / "out").exists() and not (tmp_path / ".rac").exists()
+
+
+# The high-water mark of this process's RSS (VmHWM), reset after the imports: ru_maxrss would keep the peak of the
+# pytest process this one was forked from.
+_RSS_SCRIPT = """
+import json, re, sys
+from pathlib import Path
+from stages import hessians
+from stages.params import load_params
+def hwm():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 2**20
+Path("/proc/self/clear_refs").write_text("5")
+before = hwm()
+measured = hessians.run(load_params(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]), 1)
+print(json.dumps({"before": before, "peak": hwm(), **measured}))
+"""
+
+
+@pytest.mark.slow
+def test_memory_plan_counts_the_embedding_against_peak_rss(params_file: Callable[..., Path], tmp_path: Path) -> None:
+    """A model whose embedding table (2^19 x 64 fp32, 128 MB) outweighs everything else the walk holds: the
+    plan's peak is within a generous factor of the peak RSS a fresh process gains building the store (the plan
+    without the table would be ~2 MB)."""
+    model = tmp_path / "wide"
+    torch.manual_seed(0)
+    tokenizer = toy.build_tokenizer()
+    config = Qwen3Config(**(toy.decoder_config(TINY, tokenizer) | {"vocab_size": 2**19}), tie_word_embeddings=True)
+    Qwen3ForCausalLM(config).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    params = params_file(model, {"activations": {"batch_tokens": 64}})
+    calib = _calibration(tmp_path / "calib.parquet", seed=4)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(params), str(calib), str(tmp_path / "h.zarr")],
+        capture_output=True, text=True, check=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])},
+    )  # fmt: skip
+    measured = json.loads(proc.stdout.splitlines()[-1])
+    grown = measured["peak"] - measured["before"]
+    planned = measured["plan_peak_gb"]
+    assert measured["plan_embedding_gb"] >= 0.25  # the fp32 table and the stored one it is read from
+    assert 0.5 * planned <= grown <= 1.5 * planned + 0.1, (grown, measured)

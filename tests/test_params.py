@@ -208,6 +208,8 @@ def test_shipped_presets_give_deepseek_settings(preset: Path, tmp_path: Path) ->
         ("evaluate:\n  max_new_tokens: 0\n", "evaluate.max_new_tokens=0 must be > 0"),
         ("evaluate:\n  max_tokens: 10\n", "preset key 'evaluate.max_tokens' is not in params.yaml"),
         ("- a list\n", "must hold a mapping"),
+        ("benchmarks:\n  seq: {kind: arithmetic}\n", "params 'benchmarks.seq' lacks"),
+        ("benchmark:\n  seq: {kind: arithmetic}\n", "preset key 'benchmark' is not in params.yaml"),
     ],
 )
 def test_bad_preset_leaves_params_untouched(preset: str, message: str, tmp_path: Path) -> None:
@@ -218,6 +220,20 @@ def test_bad_preset_leaves_params_untouched(preset: str, message: str, tmp_path:
         apply_preset(params, bad)
     assert params.read_text() == SHIPPED.read_text()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["bad.yaml", "params.yaml"]
+
+
+def test_preset_adds_a_benchmark(tmp_path: Path) -> None:
+    """A new entry of a map (a benchmark named `seq`) is added whole and validated; the others keep their values."""
+    params, preset = tmp_path / "params.yaml", tmp_path / "seq.yaml"
+    params.write_text(SHIPPED.read_text())
+    preset.write_text(
+        "task: seq\nbenchmarks:\n  seq: {kind: arithmetic, path: null, split: test, instruction: '', "
+        "extractor: last_number, pattern: null}\n"
+    )
+    p = apply_preset(params, preset)
+    assert p.task == "seq" and p.benchmarks["seq"].extractor == "last_number"
+    assert {k: v for k, v in p.benchmarks.items() if k != "seq"} == load_params(SHIPPED).benchmarks
+    assert load_params(params) == p
 
 
 def test_revision_of_a_local_model_is_refused(params_file: Callable[..., Path]) -> None:
