@@ -21,7 +21,7 @@ VERSIONS: dict[str, int] = {
     "calibrate": 1,
     "hessians": 1,
     "losses": 1,
-    "prune": 1,
+    "prune": 2,
     "evaluate": 1,
     "analyze": 1,
     "report": 1,

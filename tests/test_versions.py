@@ -21,7 +21,7 @@ import yaml
 import zarr
 from safetensors.numpy import load_file
 
-from stages import analyze, calibrate, evaluate, hessians, prune, report, rollout
+from stages import analyze, calibrate, evaluate, hessians, losses, prune, report, rollout
 from stages.params import Params, load_params
 from stages.versions import VERSIONS
 
@@ -38,7 +38,8 @@ UPSTREAM = {
     "rollout": [],
     "calibrate": ["rollout"],
     "hessians": ["calibrate"],
-    "prune": ["hessians"],
+    "losses": ["hessians"],
+    "prune": ["hessians", "losses"],
     "evaluate": ["prune"],
     "analyze": ["prune"],
     "report": ["evaluate"],
@@ -49,6 +50,7 @@ SMALL = {
     "rollout": {"backend": "hf", "n_prompts": 12, "max_new_tokens": 48},
     "calibrate": {"budget_tokens": 400},
     "hessians": {"chunk": 32},
+    "losses": {"pruners": ["sparsegpt"], "sparsities": [0.4, 0.5, 0.6]},
     "activations": {"batch_tokens": 256},
     "evaluate": {"backend": "hf", "n_problems": 4, "max_new_tokens": 48},
     "analyze": {"backend": "hf", "n_problems": 2, "max_new_tokens": 24},
@@ -176,8 +178,10 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         rollout.run(p, data / "rollout" / "traces.parquet", p.dense)
         for source in SOURCES:
             calibrate.run(p, source, data / "rollout" / "traces.parquet", data / "calibrate" / f"{source}.parquet")
-            hessians.run(p, data / "calibrate" / f"{source}.parquet", data / "hessians" / f"{source}.zarr", 1)
-            prune.run(p, data / "hessians" / f"{source}.zarr", None, data / "prune" / source)
+            store = data / "hessians" / f"{source}.zarr"
+            hessians.run(p, data / "calibrate" / f"{source}.parquet", store, 1)
+            losses.run(p, store, data / "losses" / f"{source}.parquet")
+            prune.run(p, store, None, data / "prune" / source, data / "losses" / f"{source}.parquet")
             evaluate.run(p, str(data / "prune" / source), data / "evaluate" / source)
         evaluate.run(p, p.dense, data / "evaluate" / "dense")
         analyze.run(p, data / "prune", data / "analyze")
@@ -189,6 +193,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "rollout": data / "rollout",
         "calibrate": data / "calibrate",
         "hessians": data / "hessians" / "rac.zarr",
+        "losses": data / "losses" / "rac.parquet",
         "prune": data / "prune" / "rac",
         "evaluate": data / "evaluate" / "rac",
         "analyze": data / "analyze",
