@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from stages.errors import RacError
+from stages.kernels import resolve_kernel
 from stages.layers import Skeleton
 from stages.losses import read_curves, table_key
-from stages.models import LinearGroup
+from stages.models import LinearGroup, expert_member, member_weight
 from stages.params import Params, in_params_terms
 from stages.selection import in_scope, layer_sparsities, parse_layers
 from stages.solvers import hessian_from_sums
@@ -74,10 +75,16 @@ def allocate(
         for i in sorted(parse_layers(p.prune.layers, n_layers) - overridden)
     }
     units = [i for i, chosen in members.items() if chosen]
-    sizes = [sum(skeleton.layers[i].get_submodule(m).weight.numel() for _, m in members[i]) for i in units]
+    sizes = [sum(member_weight(skeleton.layers[i], m).numel() for _, m in members[i]) for i in units]
     method, spread = p.prune.allocation, p.prune.spread
     if method == "uniform" or not units or p.sparsity == 0 or spread == 0:
         return Allocation(method, spread, targets, units, sizes)
+    experts = [m for i in units for _, m in members[i] if expert_member(m) is not None]
+    if experts:
+        raise RacError(
+            f"prune.allocation={method!r} does not score the experts of a mixture of experts yet ({experts[0]}, "
+            f"…); set prune.allocation uniform, or prune.scope attn to allocate over attention only"
+        )
     if store is None:
         raise RacError(f"prune.allocation={method!r} reads a Hessian store: pass --hessians data/hessians/SOURCE.zarr")
     note = None
@@ -103,9 +110,9 @@ def allocate(
 
 
 def _weights(skeleton: Skeleton, layer: int, member: str) -> torch.Tensor:
-    """W [out, in] of one linear, in float32, loaded alone."""
-    with skeleton.loaded(skeleton.prefix(layer) + member) as linear:
-        return linear.weight.data.clone()
+    """W [out, in] of one linear-like module, loaded alone."""
+    with skeleton.loaded(skeleton.prefix(layer) + member):
+        return member_weight(skeleton.layers[layer], member).clone()
 
 
 def _sums(store: HessianStore, group: LinearGroup, device: torch.device) -> dict[str, torch.Tensor]:
@@ -160,8 +167,6 @@ def _loss_targets(
     relative output error ‖(W − Ŵ)X‖²/‖WX‖² of one linear. Raw losses carry each layer's activation scale (the
     residual stream grows with depth), so their sum would spend the whole spread protecting the last layers;
     the next layer's norm divides that scale out, and what reaches it is the relative error."""
-    from stages.prune import resolve_kernel
-
     key = table_key(p, store, resolve_kernel(p.prune.kernel, False))
     curves = read_curves(losses, p.pruner, key)
     grid = p.losses.sparsities

@@ -618,16 +618,18 @@ def plan(skeleton: Skeleton, groups: list[LinearGroup], positions: list[int], bu
 class LayerWalk:
     """The calibration batches pushed through the decoder layers one at a time (see the module docstring)."""
 
-    def __init__(self, skeleton: Skeleton, work: list[Batch], cache: ActivationCache) -> None:
+    def __init__(self, skeleton: Skeleton, work: list[Batch], cache: ActivationCache, progress: bool = True) -> None:
         self.skeleton = skeleton
         self.work = work
         self.cache = cache
+        self.progress = progress  # progress bars on stderr (not for a check on a few tokens)
 
     @torch.no_grad()
     def embed(self) -> None:
         """Cache the inputs of decoder layer 0 of every batch; the embedding table is loaded for this only."""
         with self.skeleton.loaded(self.skeleton.embedding_name):
-            for b, batch in enumerate(tqdm(self.work, desc="embed", unit="batch", leave=False)):
+            bar = tqdm(self.work, desc="embed", unit="batch", leave=False, disable=not self.progress)
+            for b, batch in enumerate(bar):
                 device = self.skeleton.device
                 ids, mask = batch.ids.to(device), batch.attention_mask.to(device)
                 X, _, _ = self.skeleton.capture(0, input_ids=ids, attention_mask=mask)  # [B, T, d]
@@ -643,7 +645,8 @@ class LayerWalk:
         hooks = attach(layer, accumulators)
         device = self.skeleton.device
         try:
-            for b, batch in enumerate(tqdm(self.work, desc=label or f"layer {i}", unit="batch", leave=False)):
+            bar = tqdm(self.work, desc=label or f"layer {i}", unit="batch", leave=False, disable=not self.progress)
+            for b, batch in enumerate(bar):
                 X = self.cache.get(b).to(device)  # [B, T, d]
                 mask = batch.attention_mask.to(device)
                 _, args, kwargs = self.skeleton.capture(i, inputs_embeds=X, attention_mask=mask)
@@ -757,7 +760,7 @@ def check_walkable(model: str, device: torch.device) -> None:
         tempfile.TemporaryDirectory() as scratch,
         _one_line(skeleton.architecture, f"a layer-by-layer pass on {n} tokens"),
     ):
-        walk = LayerWalk(skeleton, work, ActivationCache(float("inf"), Path(scratch)))
+        walk = LayerWalk(skeleton, work, ActivationCache(float("inf"), Path(scratch)), progress=False)
         walk.embed()
         for i in range(len(skeleton.layers)):
             with skeleton.loaded(skeleton.prefix(i).rstrip(".")) as layer:

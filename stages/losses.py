@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from stages.errors import RacError
 from stages.kernels import resolve_kernel
-from stages.layers import Skeleton, peak_rss_gb
-from stages.models import compute_device, fingerprint
+from stages.layers import open_skeleton, peak_rss_gb
+from stages.models import compute_device, expert_member, fingerprint, member_weight
 from stages.params import Params, in_params_terms
 from stages.schemas import LOSSES, read_parquet, write_parquet
 from stages.solvers import Options, hessian_from_sums, mixed_count, solve_group
@@ -52,8 +52,13 @@ def run(p: Params, hessians: Path, out: Path) -> dict[str, float]:
     ``losses.sparsities``; return the solver seconds and the peak RSS."""
     device = compute_device()
     kernel = resolve_kernel(p.prune.kernel, False)
-    skeleton = Skeleton(p.dense, device)
-    groups = skeleton.groups()
+    skeleton, groups = open_skeleton(p.dense, device)
+    experts = [g.name for g in groups if expert_member(g.name) is not None]
+    if experts and p.losses.pruners:
+        raise RacError(
+            f"losses.pruners={p.losses.pruners!r}: the loss table does not cover the experts of a mixture of experts "
+            f"yet ({experts[0]}, …); set losses.pruners [] (prune.allocation uniform)"
+        )
     store = HessianStore(hessians, fingerprint(p.dense), groups)
     try:
         mixed_count(store.n_tokens, p.prune.mix)
@@ -65,7 +70,9 @@ def run(p: Params, hessians: Path, out: Path) -> dict[str, float]:
         sums = {s: torch.from_numpy(x).to(device) for s, x in store.sums(group).items()}
         H = hessian_from_sums(sums, store.n_tokens, p.prune.mix)  # [in, in]
         prefix = skeleton.prefix(group.layer)
-        Ws = [skeleton.load(prefix + m).weight.data for m in group.members]  # [out_k, in] each
+        for m in group.members:
+            skeleton.load(prefix + m)
+        Ws = [member_weight(skeleton.layers[group.layer], m) for m in group.members]  # [out_k, in] each
         energies = [layer_loss(W, torch.zeros_like(W), H) for W in Ws]
         for pruner in p.losses.pruners:
             for sparsity in p.losses.sparsities:

@@ -53,6 +53,8 @@ INIT_FAILED = 125
 # Seconds the init of a run without namespaces gets to kill what its program left, once told to stop.
 _GRACE_SECONDS = 2.0
 _MB = 1 << 20
+# Memory of the init's own interpreter, which shares the run's cgroup with the program.
+_INIT_MB = 32
 
 
 @dataclass(frozen=True)
@@ -364,10 +366,13 @@ class _RunCgroup:
 
     def __init__(self, parents: dict[str, Path], limits: Limits, name: str) -> None:
         self.dirs = {key: parent / name for key, parent in parents.items()}
+        # The run's init lives in its cgroup too (the program inherits the cgroup from it): its one process and its
+        # interpreter's memory come on top of what the program may use.
+        memory, pids = (limits.memory_mb + _INIT_MB) * _MB, limits.processes + 1
         settings = {
-            "memory": {"memory.limit_in_bytes": limits.memory_mb * _MB},
-            "pids": {"pids.max": limits.processes},
-            "unified": {"memory.max": limits.memory_mb * _MB, "memory.swap.max": 0, "pids.max": limits.processes},
+            "memory": {"memory.limit_in_bytes": memory},
+            "pids": {"pids.max": pids},
+            "unified": {"memory.max": memory, "memory.swap.max": 0, "pids.max": pids},
         }
         for key, path in self.dirs.items():
             path.mkdir()

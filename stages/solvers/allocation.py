@@ -1,5 +1,5 @@
 """Per-layer sparsity allocation: per-unit statistics in, per-unit targets out, whose mean weighted by each unit's
-parameter count is the global sparsity. Pure math, no I/O; plain ValueErrors name the options.
+parameter count is the global sparsity. Pure math, no I/O; OptionErrors name the options.
 
 A unit is what one target applies to (the in-scope linears of one decoder layer); ``sizes`` are their weight
 counts. Every method keeps each target within ``spread`` of the global ``sparsity``.
@@ -26,7 +26,7 @@ def weighted_mean(targets: list[float], sizes: list[int]) -> float:
 
 
 def check_bounds(sparsity: float, spread: float) -> tuple[float, float]:
-    """[sparsity − spread, sparsity + spread], which must lie in [0, 1); else a ValueError naming the fix."""
+    """[sparsity − spread, sparsity + spread], which must lie in [0, 1); else an OptionError naming the fix."""
     if spread < 0:
         raise OptionError("{spread} must be >= 0", {"spread": spread})
     lo, hi = sparsity - spread, sparsity + spread
