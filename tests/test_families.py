@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.gemma3 import modeling_gemma3
 
-from stages import calibrate, hessians, prune, rollout, toy
+from stages import calibrate, hessians, losses, prune, rollout, toy
 from stages.cli import main
 from stages.errors import RacError
 from stages.generation import generate
@@ -514,3 +514,25 @@ def test_any_failure_in_the_walk_is_one_line_naming_the_architecture(
         result, "Gemma3ForCausalLM is not supported by rac's layer walk", "(RuntimeError: expected all tensors"
     )
     assert "second line" not in result.stderr and not out.exists()
+
+
+def test_non_uniform_allocation_of_experts_is_refused_in_one_line(
+    mixtral_dir: Path, params_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Allocation does not score experts yet: owl on a mixture of experts is one line naming an expert, nothing
+    written; over attention only (no expert in scope) it allocates, and a loss table of experts is refused too."""
+    calib = calibration(tmp_path / "calib.parquet", seed=5)
+    p = load_params(params_file(mixtral_dir, SMALL | {"activations": {"batch_tokens": 64}}))
+    hessians.run(p, calib, tmp_path / "h.zarr", 1)
+    owl = load_params(params_file(mixtral_dir, SMALL | {"prune": {"allocation": "owl"}}))
+    with pytest.raises(RacError, match=r"prune.allocation='owl' does not score the experts .*mlp\.experts"):
+        prune.run(owl, tmp_path / "h.zarr", None, tmp_path / "pruned")
+    assert not (tmp_path / "pruned").exists()
+    attention = load_params(params_file(mixtral_dir, SMALL | {"prune": {"allocation": "owl", "scope": "attn"}}))
+    prune.run(attention, tmp_path / "h.zarr", None, tmp_path / "attn")
+    report = json.loads((tmp_path / "attn" / "report.json").read_text())
+    assert report["allocation"]["method"] == "owl"
+    tabled = load_params(params_file(mixtral_dir, SMALL | {"losses": {"pruners": ["sparsegpt"]}}))
+    with pytest.raises(RacError, match=r"losses.pruners=\['sparsegpt'\]: the loss table does not cover the experts"):
+        losses.run(tabled, tmp_path / "h.zarr", tmp_path / "losses.parquet")
+    assert not (tmp_path / "losses.parquet").exists()
