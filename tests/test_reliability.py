@@ -1,4 +1,4 @@
-"""What rac refuses, and what it survives: each row of the README's table has its test here.
+"""What rac refuses, and what it survives: each row of docs/reliability.md's table has its test here.
 
 Refusals run the real CLI in-process and assert one stderr line, exit 2, and nothing written at --out.
 Survivals kill or interrupt real `rac` processes and check that the rerun gives the store a fresh run gives.
