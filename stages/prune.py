@@ -49,8 +49,8 @@ from stages.models import (
     compute_device,
     expert_member,
     fingerprint,
-    load_tokenizer,
     member_weight,
+    pad_id,
     tokenizer_files,
 )
 from stages.params import Params, in_params_terms
@@ -97,8 +97,7 @@ class _Sequential:
         self.counts = {s: sum(seg.count(i) for seg in segments) for s, i in SEGMENT_IDS.items()}
         _check_mix(self.counts, p, repr(str(calib)))
         self.source = str(meta.get("source", "?"))
-        tokenizer = load_tokenizer(p.dense)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad = pad_id(p.dense)
         work = batches(ids, segments, p.activations.batch_tokens, pad)
         budget = p.activations.memory_gb * 2**30
         check_budget(budget, work, skeleton.hidden_size())
