@@ -411,7 +411,8 @@ def _report(
     return {
         "pruner": p.pruner,
         "target_sparsity": p.sparsity,
-        # Over every decoder linear, and over the pruned ones only (they differ under scope/layers).
+        # Over every decoder linear and expert (routers are not compressed), and over the pruned ones only (they
+        # differ under scope/layers).
         "achieved_sparsity": sum(r["sparsity"] * n for r, n in zip(rows, numel, strict=True)) / sum(numel),
         "achieved_sparsity_pruned": sum(r["sparsity"] * n for r, n in pruned) / max(1, sum(n for _, n in pruned)),
         "calibration": p.prune.calibration,
