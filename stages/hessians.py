@@ -49,9 +49,9 @@ from stages.models import (
     compute_device,
     expert_member,
     fingerprint,
-    load_tokenizer,
     member_weight,
     model_dir,
+    pad_id,
 )
 from stages.params import Params
 from stages.schemas import CALIBRATION, SEGMENT_IDS, atomic_path, read_parquet
@@ -164,8 +164,7 @@ def build(p: Params, calib: Path, out: Path, rank: int, world_size: int) -> Memo
             f"world size {world_size} exceeds the {len(ids)} calibration sequences of {str(calib)!r}; use fewer ranks"
         )
     n_tokens = {s: sum(seg.count(i) for seg in segments) for s, i in SEGMENT_IDS.items()}
-    tokenizer = load_tokenizer(p.dense)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(p.dense)
     device = compute_device() if world_size == 1 or not torch.cuda.is_available() else torch.device("cuda", rank)
     check_token_ids(ids, AutoConfig.from_pretrained(model_dir(p.dense)).get_text_config().vocab_size, calib)
     skeleton, groups = open_skeleton(p.dense, device)

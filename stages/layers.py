@@ -375,7 +375,8 @@ class Skeleton:
         state = self.tensors([f"{name}.{k}".lstrip(".") for k in saved])
         self.dtypes.update({k: v.dtype for k, v in state.items()})
         module.to_empty(device=self.device)
-        module.load_state_dict({k: state[f"{name}.{k}".lstrip(".")].float() for k in saved}, strict=True)
+        # Copied into the float32 tensors as stored: no second float32 copy of a large table is ever held.
+        module.load_state_dict({k: state[f"{name}.{k}".lstrip(".")] for k in saved}, strict=True)
         for sub in module.modules():
             computed = [b for b, _ in sub.named_buffers(recurse=False) if b in sub._non_persistent_buffers_set]
             if not computed:

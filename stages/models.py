@@ -211,6 +211,14 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
         raise RacError(f"cannot load the tokenizer of model {model!r}: {err}".splitlines()[0]) from err
 
 
+def pad_id(model: str) -> int:
+    """The id a layer walk pads batches of ``model`` with: the config's ``pad_token_id``, else 0. Padding is masked
+    and never summed, so any id in the vocabulary does; the tokenizer is not loaded for it (a 262k vocabulary,
+    Gemma 3's, keeps ~0.4 GB resident after it is dropped)."""
+    pad = AutoConfig.from_pretrained(model_dir(model)).get_text_config().pad_token_id
+    return int(pad) if pad is not None else 0
+
+
 # Files that make up a saved tokenizer and chat template (never weights or the model config).
 _TOKENIZER_FILES = (
     "tokenizer*",

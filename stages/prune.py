@@ -50,8 +50,8 @@ from stages.models import (
     compute_device,
     expert_member,
     fingerprint,
-    load_tokenizer,
     member_weight,
+    pad_id,
     tokenizer_files,
 )
 from stages.params import Params, in_params_terms
@@ -89,8 +89,7 @@ class _Sequential:
         self.counts = {s: sum(seg.count(i) for seg in segments) for s, i in SEGMENT_IDS.items()}
         _check_mix(self.counts, p, repr(str(calib)))
         self.source = str(meta.get("source", "?"))
-        tokenizer = load_tokenizer(p.dense)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad = pad_id(p.dense)
         work = batches(ids, segments, p.activations.batch_tokens, pad)
         budget = p.activations.memory_gb * 2**30
         check_budget(budget, work, skeleton.hidden_size())
@@ -428,7 +427,8 @@ def _report(
     return {
         "pruner": p.pruner,
         "target_sparsity": p.sparsity,
-        # Over every decoder linear, and over the pruned ones only (they differ under scope/layers).
+        # Over every decoder linear and expert (routers are not compressed), and over the pruned ones only (they
+        # differ under scope/layers).
         "achieved_sparsity": sum(r["sparsity"] * n for r, n in zip(rows, numel, strict=True)) / sum(numel),
         "achieved_sparsity_pruned": sum(r["sparsity"] * n for r, n in pruned) / max(1, sum(n for _, n in pruned)),
         "calibration": p.prune.calibration,
