@@ -5,6 +5,7 @@ upgrading rac re-runs only the stages whose implementation version moved."""
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def test_repro_then_sparsity_experiment_reuses_hessians(tmp_path: Path) -> None:
     # A solver change that moves the pruned weights comes with prune's version bumped: prune re-runs (and DVC then
     # re-runs what reads the models it rewrites), nothing upstream of it.
     versions_py = code / "versions.py"
-    versions_py.write_text(versions_py.read_text().replace('"prune": 1,', '"prune": 2,'))
+    bumped = re.sub(r'"prune": (\d+),', lambda m: f'"prune": {int(m[1]) + 1},', versions_py.read_text())
+    assert bumped != versions_py.read_text()
+    versions_py.write_text(bumped)
     would = {line.split("'")[1] for line in _dry_run(repo, code).splitlines() if line.startswith("Running stage")}
     assert would == {f"prune@{s}" for s in stores}
 
