@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 import zarr
 from safetensors.numpy import load_file
@@ -55,6 +57,17 @@ SMALL = {
     "evaluate": {"backend": "hf", "n_problems": 4, "max_new_tokens": 48},
     "analyze": {"backend": "hf", "n_problems": 2, "max_new_tokens": 24},
 }
+
+
+def _machine() -> str:
+    """The kind of CPU, which decides float summation orders: fingerprints hold on the kind they were recorded
+    on, while another kind may flip a near-tied pruning decision and move every output after it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    units = sorted(set(flags) & {"fma", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile"})
+    return " ".join([platform.machine(), model or platform.processor(), *units])
 
 
 def _dvc_stages() -> dict[str, dict[str, Any]]:
@@ -171,8 +184,9 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copytree(EMBEDDED, tmp / "data" / "embedded")
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     data = Path("data")  # relative, as dvc.yaml passes them: paths recorded in an out are the same on every run
-    cwd = Path.cwd()
+    cwd, threads = Path.cwd(), torch.get_num_threads()
     os.chdir(tmp)
+    torch.set_num_threads(1)  # one summation order (an in-process vLLM engine may have raised it)
     try:
         p: Params = load_params(Path("params.yaml"))
         rollout.run(p, data / "rollout" / "traces.parquet", p.dense)
@@ -188,6 +202,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         report.run(p, data / "evaluate", data / "report")
     finally:
         os.chdir(cwd)
+        torch.set_num_threads(threads)
     data = tmp / "data"
     return {
         "rollout": data / "rollout",
@@ -205,8 +220,14 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_outputs_change_only_with_their_version(outputs: dict[str, Path]) -> None:
     now = {stage: {"version": VERSIONS[stage], "fingerprint": fingerprint(outputs[stage])} for stage in VERSIONS}
     if os.environ.get("RAC_UPDATE_GOLDEN"):
-        GOLDEN.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
-    golden = json.loads(GOLDEN.read_text())
+        GOLDEN.write_text(json.dumps({"machine": _machine(), "stages": now}, indent=1, sort_keys=True) + "\n")
+    recorded = json.loads(GOLDEN.read_text())
+    if recorded["machine"] != _machine():
+        pytest.skip(
+            f"the fingerprints were recorded on {recorded['machine']!r}, not this {_machine()!r}: check the outputs "
+            "here by hand, then record them with RAC_UPDATE_GOLDEN=1"
+        )
+    golden = recorded["stages"]
     changed = {s: _diff(now[s]["fingerprint"], golden[s]["fingerprint"]) for s in now if s in golden}
     problems = []
     for stage, record in now.items():
