@@ -19,31 +19,19 @@ import copy
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import torch
 import yaml
+from compare_settings import rac  # the same `rac` runner, beside this script
 from transformers import AutoModelForCausalLM
 
 from stages.models import encode_prompt, load_tokenizer
 
 METHODS = ("uniform", "owl", "loss", "decode_shift")
-
-
-def rac(*args: str, cwd: Path) -> float:
-    """Run ``rac ARGS`` in ``cwd``; return its wall seconds (its stderr on failure)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    start = time.perf_counter()
-    proc = subprocess.run(["rac", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"rac {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def write_params(base: dict[str, Any], changes: dict[str, Any], path: Path) -> Path:

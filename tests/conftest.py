@@ -138,6 +138,37 @@ def walk_sums(
     return {(i, name): (members[(i, name)], acc) for i, sums in layer_sums(walk, groups) for name, acc in sums.items()}
 
 
+@torch.no_grad()
+def assert_walk_equals_forward(model_dir: Path, work: list, scratch: Path) -> None:
+    """Every decoder layer's outputs from the layer walk over ``work`` (padded batches and all) bitwise equal to
+    those of the model's own forward."""
+    from stages.layers import open_skeleton
+    from stages.models import decoder_layers, load_model
+
+    model = load_model(str(model_dir), torch.device("cpu"))
+    want: list[list[torch.Tensor]] = []
+    for batch in work:
+        outputs: list[torch.Tensor] = []
+        hooks = [
+            layer.register_forward_hook(
+                lambda _m, _a, out, o=outputs: o.append(out[0] if isinstance(out, tuple) else out)
+            )
+            for layer in decoder_layers(model)
+        ]
+        model(input_ids=batch.ids, attention_mask=batch.attention_mask)
+        for hook in hooks:
+            hook.remove()
+        want.append(outputs)
+    skeleton, _ = open_skeleton(str(model_dir), torch.device("cpu"))
+    walk = LayerWalk(skeleton, work, ActivationCache(float("inf"), scratch))
+    walk.embed()
+    for i in range(len(skeleton.layers)):
+        with skeleton.loaded(skeleton.prefix(i).rstrip(".")) as layer:
+            walk.forward(i, layer, keep=True)
+        for b in range(len(work)):
+            assert torch.equal(walk.cache.get(b), want[b][i]), (i, b)
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in overrides.items():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_walk_equals_forward
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.gemma3 import modeling_gemma3
@@ -22,7 +23,7 @@ from stages import calibrate, hessians, losses, prune, rollout, toy
 from stages.cli import main
 from stages.errors import RacError
 from stages.generation import generate
-from stages.layers import Accumulator, ActivationCache, LayerWalk, Skeleton, batches, open_skeleton
+from stages.layers import Accumulator, Skeleton, batches, open_skeleton
 from stages.models import (
     LINEAR_LIKE,
     decoder_layers,
@@ -115,29 +116,7 @@ def calibration(path: Path, seed: int) -> Path:
 @torch.no_grad()
 def test_layer_walk_equals_the_forward(family_dir: Path, tmp_path: Path) -> None:
     """Every decoder layer's outputs from the layer walk, padded batches and all, bitwise equal the forward's."""
-    model = load_model(str(family_dir), CPU)
-    work = batches(*sequences(0), 128, pad=0)
-    want: list[list[torch.Tensor]] = []
-    for batch in work:
-        outputs: list[torch.Tensor] = []
-        hooks = [
-            layer.register_forward_hook(
-                lambda _m, _a, out, o=outputs: o.append(out[0] if isinstance(out, tuple) else out)
-            )
-            for layer in decoder_layers(model)
-        ]
-        model(input_ids=batch.ids, attention_mask=batch.attention_mask)
-        for hook in hooks:
-            hook.remove()
-        want.append(outputs)
-    skeleton, _ = open_skeleton(str(family_dir), CPU)
-    walk = LayerWalk(skeleton, work, ActivationCache(float("inf"), tmp_path))
-    walk.embed()
-    for i in range(len(skeleton.layers)):
-        with skeleton.loaded(skeleton.prefix(i).rstrip(".")) as layer:
-            walk.forward(i, layer, keep=True)
-        for b in range(len(work)):
-            assert torch.equal(walk.cache.get(b), want[b][i]), (i, b)
+    assert_walk_equals_forward(family_dir, batches(*sequences(0), 128, pad=0), tmp_path)
 
 
 @torch.no_grad()

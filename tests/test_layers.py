@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY, assert_bad_input, load_weights, save_tiny_qwen2
+from conftest import TINY, assert_bad_input, assert_walk_equals_forward, load_weights, save_tiny_qwen2
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from stages import hessians, prune, toy
 from stages.cli import main
-from stages.layers import Accumulator, ActivationCache, LayerWalk, Skeleton, batches
+from stages.layers import Accumulator, Skeleton, batches
 from stages.models import decoder_layers, load_model
 from stages.params import load_params
 from stages.schemas import CALIBRATION, write_parquet
@@ -77,29 +77,8 @@ def _sliding(out: Path) -> Path:
 @torch.no_grad()
 def test_layer_by_layer_equals_the_models_forward(family_dir: Path, tmp_path: Path) -> None:
     """Every decoder layer's outputs, padded batches and all, bitwise equal to those of the full forward."""
-    model = load_model(str(family_dir), CPU)
     ids, segs = _sequences(0)
-    work = batches(ids, segs, 128, pad=0)
-    want: list[list[torch.Tensor]] = []
-    for batch in work:
-        outputs: list[torch.Tensor] = []
-
-        def keep(_m: torch.nn.Module, _a: tuple, out: torch.Tensor | tuple, outputs: list = outputs) -> None:
-            outputs.append(out[0] if isinstance(out, tuple) else out)
-
-        hooks = [layer.register_forward_hook(keep) for layer in decoder_layers(model)]
-        model(input_ids=batch.ids, attention_mask=batch.attention_mask)
-        for hook in hooks:
-            hook.remove()
-        want.append(outputs)
-    skeleton = Skeleton(str(family_dir), CPU)
-    walk = LayerWalk(skeleton, work, ActivationCache(float("inf"), tmp_path))
-    walk.embed()
-    for i in range(len(skeleton.layers)):
-        with skeleton.loaded(skeleton.prefix(i).rstrip(".")) as layer:
-            walk.forward(i, layer, keep=True)
-        for b in range(len(work)):
-            assert torch.equal(walk.cache.get(b), want[b][i]), (i, b)
+    assert_walk_equals_forward(family_dir, batches(ids, segs, 128, pad=0), tmp_path)
 
 
 def _full_forward_sums(model_dir: Path, ids: list[list[int]], segs: list[list[int]], batch_tokens: int) -> dict:
