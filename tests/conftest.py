@@ -5,7 +5,7 @@ import dataclasses
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,19 @@ TINY = ToyParams(
 )
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread() -> None:
-    """Tiny forward passes: a second intra-op thread only spins against other jobs (~200x slower on 2 cores)."""
-    torch.set_num_threads(1)
+# The real setter: an in-process vLLM CPU worker replaces torch.set_num_threads with a no-op for the rest of the
+# process, which would leave every later test on vLLM's thread count (and another float summation order).
+_SET_NUM_THREADS = torch.set_num_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny forward passes: a second intra-op thread only spins against other jobs (~200x slower on 2 cores).
+    After each test, the real setter comes back and the count goes back to one."""
+    _SET_NUM_THREADS(1)
+    yield
+    torch.set_num_threads = _SET_NUM_THREADS
+    _SET_NUM_THREADS(1)
 
 
 def save_tiny_qwen2(out: Path, **changes: Any) -> Path:
